@@ -1,0 +1,174 @@
+"""`make bench`: GeN's step-time overhead and peak memory against its base optimizer.
+
+For each model it times a plain training step (forward, backward, optimizer step) and the
+same step driven by GeN at Φ = 1, 2, 4, 8, and reports relative speed = base step time /
+GeN step time (1.0 is free). It also times the floor of the paper's two-probe scheme: a
+plain step plus two no-grad forwards every Φ steps. Inputs are random tensors (synthetic),
+so the numbers measure compute, not data loading.
+
+CPU: a small CNN on digits-sized input (8x8, batch 64). CUDA: ResNet-18 with SGD and
+ViT-S/16 with AdamW, batch 256, 224x224, fp32 with TF32 matmuls.
+
+    python -m genrun.bench [--device auto|cpu|cuda] [--steps N] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from genrun.gen import GeN
+from genrun.models import SmallCNN
+
+PHIS = (1, 2, 4, 8)
+SCHEMES = {
+    # name: GeN keyword arguments
+    "gen (probes -1,+1; slope from grad)": {"points": (-1.0, 0.0, 1.0)},
+    "gen fast (probe +1; slope from grad)": {"points": (0.0, 1.0), "min_r2": None},
+}
+
+
+@dataclass
+class Setting:
+    name: str
+    model: Callable[[], nn.Module]
+    optimizer: Callable[[Any], torch.optim.Optimizer]
+    batch: int
+    shape: tuple[int, ...]
+    classes: int
+
+
+def settings(device: torch.device) -> list[Setting]:
+    if device.type == "cpu":
+        return [Setting("small CNN, SGD, 8x8, B=64", lambda: SmallCNN(1, 10),
+                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4), 64, (1, 8, 8), 10)]
+    import timm
+    import torchvision
+
+    return [
+        Setting("ResNet-18, SGD, 224, B=256", lambda: torchvision.models.resnet18(num_classes=1000),
+                lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4), 256, (3, 224, 224), 1000),
+        Setting("ViT-S/16, AdamW, 224, B=256", lambda: timm.create_model("vit_small_patch16_224", num_classes=1000),
+                lambda p: torch.optim.AdamW(p, lr=1e-4), 256, (3, 224, 224), 1000),
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
+               gen_kwargs: dict | None = None, floor_every: int | None = None) -> dict[str, float]:
+    """Mean seconds per optimizer step and peak memory for one way of stepping."""
+    torch.manual_seed(0)
+    model = setting.model().to(device).train()
+    opt = setting.optimizer(model.parameters())
+    gen = GeN(opt, model=model, **gen_kwargs) if gen_kwargs is not None else None
+    x = torch.randn(setting.batch, *setting.shape, device=device)
+    y = torch.randint(0, setting.classes, (setting.batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def closure() -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    def one_step(t: int) -> None:
+        loss = closure()
+        loss.backward()
+        if gen is not None:
+            gen.step(closure, loss=loss.detach())
+        else:
+            opt.step()
+            if floor_every and t % floor_every == 0:
+                with torch.no_grad():
+                    closure(), closure()
+        opt.zero_grad(set_to_none=True)
+
+    for t in range(warmup):
+        one_step(t)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    times = []
+    for t in range(steps):
+        start = time.perf_counter()
+        one_step(t)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    del model, opt, gen
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"step_s": statistics.fmean(times), "peak_mb": memory}
+
+
+def run(device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"device": _describe(device), "steps": steps, "settings": []}
+    for setting in settings(device):
+        base = time_steps(setting, device, steps, warmup)
+        rows = []
+        for phi in PHIS:
+            floor = time_steps(setting, device, steps, warmup, floor_every=phi)
+            rows.append({"scheme": "two no-grad forwards (floor)", "phi": phi, **floor})
+            for scheme, kwargs in SCHEMES.items():
+                timed = time_steps(setting, device, steps, warmup, gen_kwargs={"every": phi, **kwargs})
+                rows.append({"scheme": scheme, "phi": phi, **timed})
+        cpu_snapshot = time_steps(setting, device, steps, warmup,
+                                  gen_kwargs={"every": 1, "snapshot": "cpu", **SCHEMES[next(iter(SCHEMES))]})
+        rows.append({"scheme": "gen, snapshot=cpu", "phi": 1, **cpu_snapshot})
+        for row in rows:
+            row["relative_speed"] = base["step_s"] / row["step_s"]
+        params_mb = sum(p.numel() * p.element_size() for p in setting.model().parameters()) / 2**20
+        results["settings"].append({"name": setting.name, "base": base, "params_mb": params_mb, "rows": rows})
+    return results
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Device: {results['device']}; {results['steps']} timed steps per row; synthetic inputs.", ""]
+    for s in results["settings"]:
+        lines += [f"**{s['name']}**: base step {s['base']['step_s'] * 1e3:.1f} ms, "
+                  f"peak {s['base']['peak_mb']:.0f} MB, params {s['params_mb']:.0f} MB", "",
+                  "| scheme | Φ | relative speed | peak memory (MB) |", "|---|---|---|---|"]
+        for row in s["rows"]:
+            lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {row['peak_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 200 CPU, 40 CUDA)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    steps = args.steps or (40 if device.type == "cuda" else 200)
+    results = run(device, steps, args.warmup)
+    print(markdown(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Checkpoints: written atomically, read back with `weights_only=True`, checked for origin.
+
+A checkpoint holds everything the engine needs to continue a run bit-for-bit on the same
+machine: model, optimizer, scheduler, GeN and GradScaler states, the step and the position
+in the epoch, and the RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genrun.errors import UserError
+
+FORMAT = "genrun-checkpoint-v1"
+FILENAME = "ckpt.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's state holds a uint32 array: stored as a tensor so weights_only loading accepts it.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file, then rename: a run killed mid-write keeps its last checkpoint."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": FORMAT, **payload}, tmp)
+    os.replace(tmp, path)
+
+
+def resolve(target: str | os.PathLike) -> Path:
+    """`trainer.resume` may name a run dir or a checkpoint file."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise UserError(f"trainer.resume: no checkpoint at {path}; pass a genrun run dir or its {FILENAME}")
+    return path
+
+
+def load(target: str | os.PathLike) -> dict[str, Any]:
+    """Load a genrun checkpoint, or raise a one-line UserError saying what is wrong with it."""
+    path = resolve(target)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"trainer.resume: {path} is not a readable checkpoint ({first[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"trainer.resume: {path} was not written by genrun (no '{FORMAT}' marker)")
+    return payload

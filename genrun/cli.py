@@ -1,0 +1,106 @@
+"""`genrun`: the Hydra entry point. Validates the config, runs the engine, reports in one screen.
+
+Bad input (a UserError) prints one line and exits 2, removing the run dir Hydra had just
+made if the run wrote nothing to it. A diverged single run exits 3; in a sweep the other
+jobs go on and the diverged one is recorded as such in its summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from genrun.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
+
+log = logging.getLogger("genrun")
+
+
+def _discard_if_unused(run_dir: Path) -> None:
+    """Remove a run dir that holds only what Hydra wrote (a failed start leaves no half run)."""
+    if run_dir.is_dir() and not any((run_dir / name).exists() for name in _RUN_FILES):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _run(cfg: DictConfig) -> dict | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        from genrun.engine import train  # imported late so `--help` and bad configs stay quick
+        from genrun.validate import validate
+
+        validate(cfg)
+        summary = train(
+            cfg,
+            run_dir,
+            group=Path(hc.sweep.dir).name if sweep else None,
+            name=hc.job.override_dirname or "defaults",
+        )
+    except UserError as err:
+        _discard_if_unused(run_dir)
+        print(f"genrun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _report(summary)
+    if summary["status"] == "diverged" and not sweep:
+        sys.exit(3)
+    return summary
+
+
+def _report(summary: dict) -> None:
+    final = summary["final"].get("test", {})
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    lr = summary["lr"][0] if summary["lr"] else float("nan")
+    lines = [
+        f"genrun: {summary['status']} after {summary['step']} steps in {summary['wall_time_s']:.1f} s",
+        f"  test: {metrics or 'not evaluated'}",
+        f"  final lr: {lr:.4g}   peak memory: {summary['peak_memory_mb']:.0f} MB ({summary['device']})",
+        f"  run dir: {summary['run_dir']}",
+    ]
+    if summary.get("message"):
+        lines.insert(1, f"  {summary['message']}")
+    print("\n".join(lines), file=sys.stderr if summary["status"] != "finished" else sys.stdout)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _route_resume(argv: list[str]) -> list[str]:
+    """`trainer.resume=DIR` continues the run in DIR itself with the overrides it was started
+    with (those given now win), so a run's files stay in one place and its config is kept."""
+    resume = [arg for arg in argv if arg.startswith("trainer.resume=")]
+    if not resume or "-m" in argv or "--multirun" in argv:
+        return argv
+    target = Path(resume[-1].split("=", 1)[1]).expanduser()
+    run_dir = target.parent if target.is_file() else target
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not run_dir.is_dir():
+        return argv
+    given = {_key(arg) for arg in argv}
+    previous = OmegaConf.load(saved) if saved.is_file() else []
+    kept = [o for o in previous if _key(o) not in given and _key(o) != "hydra.run.dir"]
+    run_dir_arg = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir}"]
+    return [*kept, *argv, *run_dir_arg]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_route_resume(sys.argv[1:])]
+    _run()
+
+
+if __name__ == "__main__":
+    main()

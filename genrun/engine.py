@@ -1,0 +1,236 @@
+"""The one training loop every task runs through.
+
+Read it top to bottom: build the task, model, optimizer (GeN-wrapped or not) and schedule;
+optionally restore a checkpoint; then for each optimizer step run the forward/backward over
+`grad_accum` micro-batches, take the step, log, evaluate and checkpoint. The engine never
+looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from genrun import checkpoint
+from genrun.gen import GeN
+from genrun.optim import build_optimizer
+from genrun.runtime import (
+    EpochBatches,
+    autocast,
+    params_finite,
+    peak_memory_mb,
+    pick_device,
+    seed_everything,
+    to_device,
+)
+from genrun.sinks import JsonlSink, build_sink
+
+log = logging.getLogger("genrun")
+
+
+def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Train as `cfg` says, writing metrics, GeN probes, checkpoints and summary.json into `run_dir`.
+
+    Returns the summary; its `status` is "finished" or "diverged".
+    """
+    started = time.perf_counter()
+    tc = cfg.trainer
+    device = pick_device(tc.device)
+    resume = checkpoint.load(tc.resume) if tc.resume else None
+    seed_everything(cfg.seed)
+
+    # -- the task, the model and the data ------------------------------------------------
+    task = instantiate(cfg.task)
+    train_set, eval_sets = task.datasets()
+    model = instantiate(cfg.model).to(device)
+    steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    eval_loaders = {
+        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, num_workers=tc.num_workers)
+        for split, data in eval_sets.items()
+    }
+
+    # -- optimizer, GeN, schedule, precision ---------------------------------------------
+    optimizer, spec = build_optimizer(cfg.optim, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+    gen = None
+    if cfg.optim.get("gen"):
+        gen_kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
+        gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=model,
+                  scaler=scaler if scaler.is_enabled() else None)
+    # GeN owns the lr, so a schedule would overwrite it; its T-dependent variant is optim.gen.horizon.
+    schedule = None
+    if gen is None:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(instantiate(cfg.sched), total=total_steps))
+    elif not cfg.sched._target_.endswith(".constant"):
+        log.warning("sched=%s is ignored: GeN sets the lr (use optim.gen.horizon=linear|cosine)", cfg.sched._target_.rsplit(".", 1)[-1])
+    amp = partial(autocast, device, tc.precision)
+
+    # -- resume ----------------------------------------------------------------------------
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if schedule is not None:
+            schedule.load_state_dict(resume["schedule"])
+        scaler.load_state_dict(resume["scaler"])
+        if gen is not None:
+            gen.load_state_dict(resume["gen"])
+        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
+        checkpoint.set_rng_state(resume["rng"])
+        _drop_records_after(run_dir, step)
+
+    sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name)]
+    gen_logged = len(gen.history) if gen is not None else 0
+
+    def emit(record: dict[str, Any]) -> None:
+        for sink in sinks:
+            sink.log(record)
+
+    def lrs() -> list[float]:
+        return [group["lr"] for group in optimizer.param_groups]
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        model.eval()
+        if spec.has_modes:
+            optimizer.eval()
+        results = {}
+        for split, loader in eval_loaders.items():
+            with amp():
+                results[split] = task.evaluate(model, loader, partial(to_device, device=device))
+            emit({"kind": "eval", "step": step, "epoch": epoch, "split": split, **results[split], "lr": lrs()})
+        return results
+
+    def save_checkpoint() -> None:
+        if not params_finite(model):  # only ever keep a good checkpoint
+            return
+        checkpoint.save(run_dir / checkpoint.FILENAME, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict() if schedule is not None else None,
+            "scaler": scaler.state_dict(),
+            "gen": gen.state_dict() if gen is not None else None,
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "rng": checkpoint.rng_state(),
+        })
+
+    # -- the loop --------------------------------------------------------------------------
+    status, message, results = "finished", None, {}
+    bar = tqdm(total=total_steps, initial=step, disable=_progress_disabled(tc.progress), desc="train", unit="step")
+    try:
+        while step < total_steps:
+            sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum)
+            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers))
+            while step < total_steps:
+                micro = [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]
+                if not micro:
+                    break  # the epoch is over
+                model.train()
+                if spec.has_modes:
+                    optimizer.train()
+                if gen is not None and gen.will_probe:
+                    gen.remember_rng()
+                loss = 0.0
+                for batch in micro:
+                    with amp():
+                        micro_loss = task.loss(model, batch) / len(micro)
+                    scaler.scale(micro_loss).backward(create_graph=spec.create_graph)
+                    loss += micro_loss.detach()
+                loss_value = float(loss)
+                if not math.isfinite(loss_value):
+                    status = "diverged"
+                    message = f"loss is {loss_value} at step {step + 1}; the last good checkpoint is kept"
+                    break
+
+                if gen is not None:
+                    gen.step(partial(_mean_loss, task, model, micro, amp), loss=loss)
+                else:
+                    scaler.step(optimizer)
+                scaler.update()
+                if schedule is not None:
+                    schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    emit({"kind": "train", "step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lrs()})
+                if gen is not None:
+                    for record in gen.history[gen_logged:]:
+                        emit({"kind": "gen", **record})
+                    gen_logged = len(gen.history)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs()[0]:.3g}")
+                if tc.eval_every and step % tc.eval_every == 0:
+                    results = evaluate()
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
+                    save_checkpoint()
+            if status != "finished":
+                break
+            if batch_in_epoch >= steps_per_epoch or step == total_steps:
+                results = evaluate()
+                if step < total_steps:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                save_checkpoint()
+    finally:
+        bar.close()
+        summary = {
+            "status": status,
+            "message": message,
+            "step": step,
+            "epoch": epoch,
+            "total_steps": total_steps,
+            "final": results,
+            "lr": lrs(),
+            "gen": _gen_summary(gen),
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "device": str(device),
+            "run_dir": str(run_dir),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        for sink in sinks:
+            sink.close(status)
+    return summary
+
+
+def _mean_loss(task, model, micro, amp) -> torch.Tensor:
+    """GeN's closure: the loss over every micro-batch of this step, as the training forward saw it."""
+    total = 0.0
+    for batch in micro:
+        with amp():
+            total = total + task.loss(model, batch).float()
+    return total / len(micro)
+
+
+def _gen_summary(gen: GeN | None) -> dict[str, Any] | None:
+    if gen is None:
+        return None
+    accepted = sum(1 for record in gen.history if record.get("accepted"))
+    return {"probes": len(gen.history), "accepted": accepted}
+
+
+def _drop_records_after(run_dir: Path, step: int) -> None:
+    """A killed run may have logged steps past its last checkpoint; the resumed run redoes them."""
+    for name in ("metrics.jsonl", "gen.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(line + "\n" for line in lines))
+
+
+def _progress_disabled(progress: str | bool) -> bool | None:
+    return {"auto": None, True: False, False: True, "on": False, "off": True}.get(progress, None)
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

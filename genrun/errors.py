@@ -1,0 +1,13 @@
+"""The one exception type that reaches the user as a single line instead of a traceback."""
+
+
+class UserError(Exception):
+    """Bad input the user can fix: a config value, a path, a checkpoint.
+
+    The message is printed as one line (`genrun: error: <message>`) and the process exits
+    with status 2. Say which key or path is wrong and how to fix it.
+    """
+
+
+class DataMissing(UserError):
+    """A data set is not on disk where the task looked for it."""

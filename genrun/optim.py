@@ -1,0 +1,68 @@
+"""Optimizer registry: one table from a config name to how to build that optimizer.
+
+Param groups are built once from the model: by default norms and biases get no weight decay
+(the usual practice; set `optim.no_decay_norm_bias=false` to decay everything).
+A GeN optimizer is its base optimizer wrapped by `genrun.gen.GeN`; its settings live
+under `optim.gen`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """How to build one optimizer and what the engine must do for it.
+
+    `needs_closure`: step() takes a closure (e.g. L-BFGS).
+    `create_graph`: backward must keep the graph (Hessian-diagonal methods such as AdaHessian).
+    `has_modes`: the optimizer has train()/eval() modes the engine must switch (Schedule-Free).
+    """
+
+    factory: Callable[..., torch.optim.Optimizer]
+    needs_closure: bool = False
+    create_graph: bool = False
+    has_modes: bool = False
+
+
+REGISTRY: dict[str, OptimSpec] = {
+    "sgd": OptimSpec(torch.optim.SGD),
+    "adam": OptimSpec(torch.optim.Adam),
+    "adamw": OptimSpec(torch.optim.AdamW),
+    "adagrad": OptimSpec(torch.optim.Adagrad),
+    "rmsprop": OptimSpec(torch.optim.RMSprop),
+}
+
+# Keys of an optim config that are not constructor arguments of the optimizer.
+_META_KEYS = {"name", "lr", "gen", "no_decay_norm_bias"}
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """Trainable parameters, split so 1-D tensors (norm weights, biases) skip weight decay."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay_norm_bias or weight_decay == 0:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, OptimSpec]:
+    """The base optimizer named by `cfg.name` over `model`'s trainable parameters.
+
+    Every key of `cfg` other than name, lr, gen and no_decay_norm_bias is passed to the
+    optimizer's constructor, so the YAML holds the defaults (conf/optim/*.yaml).
+    """
+    spec = REGISTRY[cfg["name"]]
+    kwargs = {k: v for k, v in dict(cfg).items() if k not in _META_KEYS}
+    weight_decay = float(kwargs.pop("weight_decay", 0.0))
+    groups = param_groups(model, weight_decay, bool(cfg.get("no_decay_norm_bias", True)))
+    return spec.factory(groups, lr=float(cfg["lr"]), **kwargs), spec

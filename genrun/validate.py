@@ -1,0 +1,92 @@
+"""Config checks that run before anything is built, so bad input fails in one line.
+
+Each rule names a key, a predicate and the allowed values in words. Hydra already rejects
+unknown groups, options and keys; these rules catch values of the right key but wrong kind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from numbers import Real
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from genrun.errors import UserError
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _one_of(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda v: v in allowed
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _points(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) >= 1 and all(_real(x) for x in v) and any(x != 0 for x in v)
+
+
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", _int_at_least(0), "an integer >= 0"),
+    ("trainer.epochs", _int_at_least(0), "an integer >= 0"),
+    ("trainer.max_steps", _optional(_int_at_least(1)), "null or an integer >= 1"),
+    ("trainer.batch_size", _int_at_least(1), "an integer >= 1"),
+    ("trainer.grad_accum", _int_at_least(1), "an integer >= 1"),
+    ("trainer.eval_batch_size", _optional(_int_at_least(1)), "null or an integer >= 1"),
+    ("trainer.eval_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
+    ("trainer.log_every", _int_at_least(1), "an integer >= 1"),
+    ("trainer.ckpt_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
+    ("trainer.num_workers", _int_at_least(0), "an integer >= 0"),
+    ("trainer.device", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ("trainer.precision", _one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    ("trainer.progress", _one_of("auto", "on", "off", True, False), "auto, on or off"),
+    ("optim.lr", lambda v: _real(v) and v > 0, "a number > 0"),
+]
+
+GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("every", _int_at_least(1), "an integer >= 1"),
+    ("smoothing", lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("points", _points, "a list of numbers with at least one non-zero, e.g. [-1, 0, 1]"),
+    ("min_r2", _optional(lambda v: _real(v) and v <= 1), "null or a number <= 1"),
+    ("max_change", _optional(lambda v: _real(v) and v > 1), "null or a number > 1"),
+    ("slope", _one_of(True, False), "true or false"),
+    ("mode", _one_of("fit", "exact"), "fit or exact"),
+    ("horizon", _one_of(None, "none", "linear", "cosine"), "none, linear or cosine"),
+    ("init_search", _one_of(True, False), "true or false"),
+    ("snapshot", _one_of("device", "cpu"), "device or cpu"),
+    ("guard", _one_of(True, False), "true or false"),
+]
+
+
+def _check(key: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    if not ok(value):
+        shown = "null" if value is None else value
+        raise UserError(f"{key}={shown} is invalid: must be {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a one-line UserError naming the first bad key and its allowed values."""
+    for key, ok, allowed in RULES:
+        _check(key, OmegaConf.select(cfg, key), ok, allowed)
+    if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
+        raise UserError("trainer.epochs=0 with trainer.max_steps=null leaves nothing to train: set either >= 1")
+    gen = cfg.optim.get("gen")
+    if gen:
+        from genrun.gen import GeN
+
+        known = set(inspect.signature(GeN).parameters) - {"optimizer", "total_steps", "model", "scaler"}
+        for key in gen:
+            if key not in known:
+                raise UserError(f"optim.gen.{key} is not a GeN setting; known settings: {', '.join(sorted(known))}")
+        for key, ok, allowed in GEN_RULES:
+            if key in gen:
+                _check(f"optim.gen.{key}", gen[key], ok, allowed)

@@ -1,0 +1,47 @@
+"""Shared fixtures: composing configs without training, and running `genrun` as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+GENRUN = Path(sys.executable).with_name("genrun")
+
+
+def options(group: str) -> list[str]:
+    """Every option of a config group: one YAML file each."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose(overrides) -> the composed config, exactly as `genrun` would see it."""
+
+    def _compose(overrides: list[str] = ()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def genrun(tmp_path):
+    """Run the installed `genrun` in a scratch dir (not the repo) and return the finished process."""
+
+    def _run(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run(
+            [str(GENRUN), *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    return _run

@@ -1,0 +1,159 @@
+"""`genrun` end to end, as a user runs it: from a directory outside the repo, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FAST = ["+experiment=fast", "trainer.progress=off"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_default_run_trains_digits_with_gen_sgd_to_95_percent(genrun, tmp_path):
+    proc = genrun("trainer.progress=off")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["final"]["test"]["acc"] >= 0.95
+    assert summary["gen"]["probes"] > 0 and summary["gen"]["accepted"] > 0
+    assert summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
+    for name in ("metrics.jsonl", "gen.jsonl", "ckpt.pt", "metrics.csv", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+        assert (run_dir / name).exists(), name
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, summary["step"] + 1))
+    assert all(len(r["lr"]) == 2 for r in train)  # weights and no-decay group
+    assert evals[-1]["split"] == "test" and evals[-1]["acc"] == summary["final"]["test"]["acc"]
+    probes = read_jsonl(run_dir / "gen.jsonl")
+    assert len(probes) == summary["gen"]["probes"]
+    assert {"step", "lr_before", "lr_after", "eta_star", "A", "b", "r2", "accepted"} <= set(probes[0])
+    # the printed summary names the test accuracy, the final lr, the wall time and the run dir
+    out = proc.stdout
+    assert "acc" in out and "final lr" in out and str(run_dir.name) in out
+
+
+def test_overrides_pick_groups_and_keys(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = genrun("task=digits", "optim=sgd", "sched=cosine", "optim.lr=0.05", "seed=3", *FAST, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["gen"] is None and summary["step"] == 20
+    lrs = [r["lr"][0] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs[0] < 0.05 and lrs == sorted(lrs, reverse=True)  # cosine decay from 0.05
+    assert not (run_dir / "gen.jsonl").exists() or not (run_dir / "gen.jsonl").read_text()
+
+
+def test_cfg_job_prints_the_resolved_config(genrun):
+    proc = genrun("--cfg", "job", "optim=adamw", "optim.lr=0.003")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: adamw" in proc.stdout and "lr: 0.003" in proc.stdout
+    assert "num_classes: 10" in proc.stdout  # interpolations resolved
+
+
+def test_help_lists_groups_and_options(genrun):
+    proc = genrun("--help")
+    assert proc.returncode == 0
+    for line in ("optim: ", "sched: ", "task: ", "logger: ", "trainer: ", "experiment: "):
+        assert line in proc.stdout
+    assert "gen_sgd" in proc.stdout and "warmup_cosine" in proc.stdout
+
+
+def test_unknown_group_option_names_the_valid_ones(genrun, tmp_path):
+    proc = genrun("task=cifar1O")
+    assert proc.returncode != 0
+    assert "cifar10" in proc.stderr and "digits" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.gen.every=0", "optim.gen.smoothing=1.5", "trainer.batch_size=-1", "optim.gen.horizon=bogus"],
+)
+def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, override):
+    proc = genrun(override)
+    key = override.split("=")[0]
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"genrun: error: {key}=") and "must be" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_missing_dataset_names_the_path_and_the_flag(genrun, tmp_path):
+    proc = genrun("task=cifar10", f"task.data_dir={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in proc.stderr
+    assert "task.download=true" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign"])
+def test_bad_checkpoint_is_a_clear_error(genrun, tmp_path, content):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    if content == "garbage":
+        (run_dir / "ckpt.pt").write_bytes(b"this is not a checkpoint")
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, run_dir / "ckpt.pt")
+    proc = genrun(f"trainer.resume={run_dir}", *FAST)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("genrun: error: trainer.resume:") and str(run_dir / "ckpt.pt") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "ckpt.pt").exists()  # a user's file is never removed
+
+
+def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = genrun("optim=sgd", "optim.lr=3.0", "optim.momentum=0.99", "trainer.ckpt_every=1", "trainer.progress=off",
+                  f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert f"at step {summary['step'] + 1}" in summary["message"] and "Traceback" not in proc.stderr
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert 0 < ckpt["step"] <= summary["step"]
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_sweep_runs_every_combination(genrun, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "optim=sgd,gen_sgd", "sched=constant,cosine", *FAST, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    overrides = {tuple((job / ".hydra" / "overrides.yaml").read_text().split()) for job in jobs}
+    assert len(overrides) == 4
+    assert all(json.loads((job / "summary.json").read_text())["status"] == "finished" for job in jobs)
+
+
+def test_joblib_launcher_runs_a_sweep_in_parallel_processes(genrun, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert all(s["status"] == "finished" for s in summaries)
+    assert summaries[0]["final"] != summaries[1]["final"]  # different seeds, different runs
+
+
+def test_wandb_logger_writes_an_offline_run_in_the_run_dir(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = genrun("logger=wandb", *FAST, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    assert list(offline.glob("*.wandb"))
+
+
+@pytest.mark.parametrize("logger, csv", [("csv", True), ("none", False)])
+def test_csv_and_none_loggers(genrun, tmp_path, logger, csv):
+    run_dir = tmp_path / "run"
+    proc = genrun(f"logger={logger}", "trainer.max_steps=5", "trainer.progress=off", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "metrics.csv").exists() == csv
+    assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()

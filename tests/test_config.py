@@ -1,0 +1,145 @@
+"""Every option of every config group composes, validates and builds (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from genrun.errors import UserError
+from genrun.optim import REGISTRY, build_optimizer
+from genrun.validate import validate
+
+from conftest import options
+
+SMALL_TASKS = ["digits", "mnist5k"]
+
+
+def test_groups_have_the_contracted_options():
+    assert {"sgd", "adamw", "adam", "adagrad", "rmsprop"} <= set(options("optim"))
+    assert {f"gen_{b}" for b in ("sgd", "adamw", "adam", "adagrad", "rmsprop")} <= set(options("optim"))
+    assert set(options("sched")) == {"constant", "linear", "cosine", "invsqrt", "inv", "step", "exp", "warmup_cosine"}
+    assert {"csv", "wandb", "none"} <= set(options("logger"))
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_every_task_composes_and_builds(compose_cfg, task, tmp_path):
+    cfg = compose_cfg([f"task={task}"])
+    if "data_dir" in cfg.task:  # point downloadable tasks at an empty dir: building must not read data
+        cfg = compose_cfg([f"task={task}", f"task.data_dir={tmp_path}"])
+    validate(cfg)
+    built = instantiate(cfg.task)
+    assert built.name == cfg.task.name == task
+    assert built.num_classes == cfg.task.num_classes and built.in_channels == cfg.task.in_channels
+
+
+@pytest.mark.parametrize("task", SMALL_TASKS)
+def test_offline_tasks_load_real_data_with_a_fixed_split(compose_cfg, task):
+    cfg = compose_cfg([f"task={task}"])
+    train_a, evals_a = instantiate(cfg.task).datasets()
+    train_b, evals_b = instantiate(cfg.task).datasets()
+    x, y = train_a[:]
+    assert x.min() >= -1.0 and x.max() <= 1.0 and x.shape[1] == 1
+    assert set(y.tolist()) == set(range(10))
+    assert torch.equal(evals_a["test"][:][1], evals_b["test"][:][1])
+    total = len(train_a) + len(evals_a["test"])
+    assert len(evals_a["test"]) == round(0.2 * total)
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("task", SMALL_TASKS)
+def test_every_model_composes_and_runs_forward(compose_cfg, model, task):
+    cfg = compose_cfg([f"model={model}", f"task={task}"])
+    validate(cfg)
+    net = instantiate(cfg.model)
+    side = 8 if task == "digits" else 28
+    assert net(torch.zeros(2, cfg.task.in_channels, side, side)).shape == (2, cfg.task.num_classes)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+def test_every_optimizer_composes_and_builds(compose_cfg, optim):
+    cfg = compose_cfg([f"optim={optim}"])
+    validate(cfg)
+    assert cfg.optim.name in REGISTRY
+    assert ("gen" in cfg.optim) == optim.startswith("gen_")
+    net = instantiate(cfg.model)
+    opt, _ = build_optimizer(cfg.optim, net)
+    assert all(group["lr"] == cfg.optim.lr for group in opt.param_groups)
+    # norms and biases are kept out of weight decay
+    decays = sorted(group["weight_decay"] for group in opt.param_groups)
+    assert decays[0] == 0.0
+
+
+def test_gen_settings_are_shared_by_every_gen_optimizer(compose_cfg):
+    settings = {opt: compose_cfg([f"optim={opt}"]).optim.gen for opt in options("optim") if opt.startswith("gen_")}
+    first = next(iter(settings.values()))
+    assert all(s == first for s in settings.values())
+    assert first.every == 4 and first.smoothing == 0.9
+
+
+@pytest.mark.parametrize("sched", options("sched"))
+def test_every_schedule_composes_and_decays_from_c0(compose_cfg, sched):
+    cfg = compose_cfg([f"sched={sched}", "optim=sgd"])
+    validate(cfg)
+    factor = instantiate(cfg.sched)
+    total = 100
+    values = [factor(t, total=total) for t in range(total + 1)]
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
+    if sched != "warmup_cosine":
+        assert values[0] == 1.0
+    assert max(values) == pytest.approx(1.0)
+    if sched != "constant":
+        assert values[-1] < 0.5
+
+
+def test_schedule_values_match_table_8(compose_cfg):
+    def factor(name):
+        return instantiate(compose_cfg([f"sched={name}"]).sched)
+
+    assert factor("linear")(25, total=100) == pytest.approx(0.75)
+    assert factor("cosine")(50, total=100) == pytest.approx(0.5)
+    assert factor("invsqrt")(3, total=100) == pytest.approx(0.5)
+    assert factor("inv")(3, total=100) == pytest.approx(0.25)
+    assert factor("step")(80, total=100) == pytest.approx(0.01)
+    assert factor("exp")(100, total=100) == pytest.approx(0.01)
+    warm = factor("warmup_cosine")
+    assert warm(0, total=100) == 0.0 and warm(5, total=100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_every_logger_composes(compose_cfg, logger):
+    cfg = compose_cfg([f"logger={logger}"])
+    validate(cfg)
+    assert cfg.logger._target_.startswith("genrun.sinks.")
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_composes(compose_cfg, experiment):
+    validate(compose_cfg([f"+experiment={experiment}"]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.gen.every=0", "optim.gen.every"),
+        ("optim.gen.smoothing=1.5", "optim.gen.smoothing"),
+        ("trainer.batch_size=-1", "trainer.batch_size"),
+        ("optim.gen.horizon=bogus", "optim.gen.horizon"),
+        ("optim.gen.points=[0]", "optim.gen.points"),
+        ("optim.gen.max_change=0.5", "optim.gen.max_change"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("optim.lr=0", "optim.lr"),
+    ],
+)
+def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, override, key):
+    with pytest.raises(UserError) as err:
+        validate(compose_cfg([override]))
+    message = str(err.value)
+    assert message.startswith(f"{key}=") and "must be" in message and "\n" not in message
+
+
+def test_unknown_gen_setting_is_named(compose_cfg):
+    with pytest.raises(UserError, match=r"optim.gen.evry is not a GeN setting"):
+        validate(compose_cfg(["+optim.gen.evry=3"]))

@@ -1,0 +1,66 @@
+"""A run killed mid-way and resumed ends with the same weights as one that was never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+from conftest import GENRUN
+
+ARGS = ["trainer.epochs=8", "trainer.batch_size=32", "trainer.ckpt_every=7", "trainer.progress=off", "seed=5"]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "ckpt.pt", weights_only=True)["model"]
+
+
+def _kill_after_a_checkpoint(run_dir, env, cwd) -> int:
+    proc = subprocess.Popen([str(GENRUN), *ARGS, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            ckpt = run_dir / "ckpt.pt"
+            if ckpt.exists():
+                step = torch.load(ckpt, weights_only=True)["step"]
+                if step >= 30:  # past the first epoch boundary, mid-way through the run
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return step
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    raise AssertionError("the run ended before it could be killed")
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(genrun, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert genrun(*ARGS, f"hydra.run.dir={straight}").returncode == 0
+
+    killed_at = _kill_after_a_checkpoint(stopped, env, tmp_path)
+    assert not (stopped / "summary.json").exists()
+    total = json.loads((straight / "summary.json").read_text())["total_steps"]
+    assert killed_at < total
+
+    # the saved overrides are reused: only the run dir is named
+    proc = genrun(f"trainer.resume={stopped}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == total
+
+    a, b = _weights(straight), _weights(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def records(run_dir, name):
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+    # the log reads as one run: each step once, lr and GeN probes as in the uninterrupted run
+    assert records(straight, "metrics.jsonl") == records(stopped, "metrics.jsonl")
+    assert records(straight, "gen.jsonl") == records(stopped, "gen.jsonl")
