@@ -8,6 +8,7 @@ looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -64,9 +65,12 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     # -- optimizer, GeN, schedule, precision ---------------------------------------------
     optimizer, spec = build_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    gen = None
+    gen, probe_next = None, False
     if cfg.optim.get("gen"):
         gen_kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
+        # "next": probe on the following batch (independent of the one that made d), which
+        # is then trained on as usual, so no data is skipped; "same": the training batch.
+        probe_next = gen_kwargs.pop("probe_batch", "same") == "next"
         gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=model,
                   scaler=scaler if scaler.is_enabled() else None)
     # GeN owns the lr, so a schedule would overwrite it; its T-dependent variant is optim.gen.horizon.
@@ -131,10 +135,13 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         while step < total_steps:
             sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum)
             batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers))
-            while step < total_steps:
-                micro = [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]
-                if not micro:
-                    break  # the epoch is over
+
+            def take() -> list:
+                return [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]
+
+            micro = take()
+            while step < total_steps and micro:
+                upcoming = take() if probe_next and gen.will_probe else None
                 model.train()
                 if spec.has_modes:
                     optimizer.train()
@@ -153,7 +160,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     break
 
                 if gen is not None:
-                    gen.step(partial(_mean_loss, task, model, micro, amp), loss=loss)
+                    probe_on = upcoming or micro  # the epoch's last step has no next batch
+                    gen.step(partial(_mean_loss, task, model, probe_on, amp), loss=loss if probe_on is micro else None)
                 else:
                     scaler.step(optimizer)
                 scaler.update()
@@ -174,6 +182,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     results = evaluate()
                 if tc.ckpt_every and step % tc.ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
                     save_checkpoint()
+                micro = upcoming if upcoming is not None else take()
             if status != "finished":
                 break
             if batch_in_epoch >= steps_per_epoch or step == total_steps:
@@ -220,12 +229,30 @@ def _gen_summary(gen: GeN | None) -> dict[str, Any] | None:
 
 
 def _drop_records_after(run_dir: Path, step: int) -> None:
-    """A killed run may have logged steps past its last checkpoint; the resumed run redoes them."""
+    """A killed run may have logged steps past its last checkpoint; the resumed run redoes
+    them, so those records (and a line cut off by the kill) are dropped first."""
     for name in ("metrics.jsonl", "gen.jsonl"):
         path = run_dir / name
         if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in lines))
+            kept = [line for line in path.read_text().splitlines() if _step_of_json(line) <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+    for name in ("metrics.csv", "gen.csv"):
+        path = run_dir / name
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and "step" in rows[0]:
+                col = rows[0].index("step")
+                kept = [r for r in rows[1:] if len(r) == len(rows[0]) and r[col].isdigit() and int(r[col]) <= step]
+                with path.open("w", newline="") as f:
+                    csv.writer(f).writerows([rows[0], *kept])
+
+
+def _step_of_json(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 def _progress_disabled(progress: str | bool) -> bool | None:

@@ -64,6 +64,7 @@ GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("init_search", _one_of(True, False), "true or false"),
     ("snapshot", _one_of("device", "cpu"), "device or cpu"),
     ("guard", _one_of(True, False), "true or false"),
+    ("probe_batch", _one_of("same", "next"), "same or next"),
 ]
 
 
@@ -79,14 +80,18 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key), ok, allowed)
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise UserError("trainer.epochs=0 with trainer.max_steps=null leaves nothing to train: set either >= 1")
-    gen = cfg.optim.get("gen")
+    gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
     if gen:
         from genrun.gen import GeN
 
         known = set(inspect.signature(GeN).parameters) - {"optimizer", "total_steps", "model", "scaler"}
+        known.add("probe_batch")  # the engine's, not GeN's: which batch the closure evaluates
         for key in gen:
             if key not in known:
                 raise UserError(f"optim.gen.{key} is not a GeN setting; known settings: {', '.join(sorted(known))}")
         for key, ok, allowed in GEN_RULES:
             if key in gen:
                 _check(f"optim.gen.{key}", gen[key], ok, allowed)
+        if gen.get("probe_batch") == "next" and gen.get("slope", True):
+            raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
+                            "the gradient's slope belongs to the training batch, not the probed one")

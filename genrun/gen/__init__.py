@@ -1,0 +1,11 @@
+"""GeN: the Generalized Newton's method step size (Bu & Xu, ICLR 2025), pure torch.
+
+``GeN(optimizer)`` wraps any ``torch.optim`` optimizer and keeps setting its learning
+rate to the minimiser of a parabola fitted to the loss along the optimizer's own
+update direction.  Nothing here imports the rest of ``genrun``.
+"""
+
+from .fit import ParabolaFit, fit_parabola, horizon_factor
+from .gen import GeN
+
+__all__ = ["GeN", "ParabolaFit", "fit_parabola", "horizon_factor"]

@@ -1,0 +1,91 @@
+"""Argument checks for :class:`genrun.gen.GeN`, with messages that name the fix."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, Sequence
+
+HORIZONS = (None, "none", "linear", "cosine")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def check_points(points: Sequence[float], slope: bool) -> tuple[float, ...]:
+    """Probe multipliers: finite, distinct, and enough non-zero ones for the fit."""
+    try:
+        pts = tuple(float(s) for s in points)
+    except (TypeError, ValueError):
+        raise ValueError(f"points must be a sequence of numbers, got {points!r}") from None
+    if not pts or not all(math.isfinite(s) for s in pts):
+        raise ValueError(f"points must be a non-empty sequence of finite numbers, got {points!r}")
+    if len(set(pts)) != len(pts):
+        raise ValueError(f"points must be distinct, got {points!r}")
+    nonzero = sum(1 for s in pts if s != 0.0)
+    if slope and nonzero < 1:
+        raise ValueError(f"points must contain at least one non-zero multiplier, got {points!r}")
+    if not slope and nonzero < 2:
+        raise ValueError(
+            f"points must contain at least two distinct non-zero multipliers when slope=False "
+            f"(two unknowns a and β), got {points!r}"
+        )
+    return pts
+
+
+def check_arguments(
+    optimizer: Any,
+    *,
+    every: Any,
+    smoothing: Any,
+    points: Any,
+    min_r2: Any,
+    max_change: Any,
+    slope: Any,
+    mode: Any,
+    horizon: Any,
+    total_steps: Any,
+    init_search: Any,
+    snapshot: Any,
+    model: Any,
+    scaler: Any,
+    guard: Any,
+    distributed: Any,
+    sharded: Any,
+) -> tuple[float, ...]:
+    """Raise ValueError/TypeError for a bad argument; return the normalised points."""
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "step")):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not _is_int(every) or every < 1:
+        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    if not _is_real(smoothing) or not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
+    if min_r2 is not None and (not _is_real(min_r2) or not min_r2 <= 1.0):
+        raise ValueError(f"min_r2 must be None or a number <= 1, got {min_r2!r}")
+    if max_change is not None and (not _is_real(max_change) or not max_change > 1.0):
+        raise ValueError(f"max_change must be None or a number > 1, got {max_change!r}")
+    for name, value in (("slope", slope), ("init_search", init_search), ("guard", guard), ("sharded", sharded)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if mode not in ("fit", "exact"):
+        raise ValueError(f"mode must be 'fit' or 'exact', got {mode!r}")
+    if horizon not in HORIZONS:
+        raise ValueError(f"horizon must be one of None, 'none', 'linear', 'cosine', got {horizon!r}")
+    if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
+        raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
+    if horizon in ("linear", "cosine") and total_steps is None:
+        raise ValueError(f"horizon={horizon!r} needs total_steps (an integer >= 1), got None")
+    if snapshot not in ("device", "cpu"):
+        raise ValueError(f"snapshot must be 'device' or 'cpu', got {snapshot!r}")
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if model is not None and not hasattr(model, "modules"):
+        raise ValueError(f"model must be None or a torch.nn.Module, got {type(model).__name__}")
+    if scaler is not None and not callable(getattr(scaler, "step", None)):
+        raise ValueError(f"scaler must be None or a GradScaler (an object with .step(optimizer)), got {scaler!r}")
+    return check_points(points, slope if mode == "fit" else True)

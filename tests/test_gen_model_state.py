@@ -1,0 +1,163 @@
+"""Probes leave BatchNorm statistics, the RNG stream and GradScaler semantics alone."""
+
+import pytest
+import torch
+from torch import nn
+
+from genrun.gen import GeN
+
+
+def data(seed=0, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(n, generator=g)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def buffers(model):
+    return [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("mode", ["fit", "exact"])
+def test_batchnorm_statistics_move_only_in_the_training_forward(mode):
+    x, y = data()
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = GeN(opt, every=1, model=model, mode=mode)
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    for _ in range(3):
+        loss = f()
+        loss.backward()
+        after_forward = buffers(model)
+        gen.step(f, loss=None)  # loss=None: even the s=0 point is a forward
+        opt.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(buffers(model), after_forward))
+    assert int(model[1].num_batches_tracked) == 3
+    assert model.training
+
+
+def test_without_model_the_probes_would_move_batchnorm():
+    x, y = data()
+    model = bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    gen = GeN(opt, every=1)
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    loss = f()
+    loss.backward()
+    after_forward = buffers(model)
+    gen.step(f, loss=loss.detach())
+    assert int(model[1].num_batches_tracked) == 3  # one training + two probe forwards
+    assert not torch.equal(model[1].running_mean, after_forward[0])
+
+
+def dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1))
+
+
+def _dropout_step(use_gen, remember):
+    x, y = data(1)
+    model = dropout_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = GeN(opt, every=1, points=(-1.0, 0.0, 1.0), model=model)
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    torch.manual_seed(123)
+    if remember:
+        gen.remember_rng()
+    loss = f()
+    loss.backward()
+    if use_gen:
+        gen.step(f, loss=None)
+    else:
+        opt.step()
+    return loss.item(), gen, torch.rand(4)
+
+
+def test_remember_rng_replays_dropout_masks_so_s0_reproduces_l0():
+    l0, gen, _ = _dropout_step(use_gen=True, remember=True)
+    rec = gen.history[0]
+    assert rec["losses"][rec["points"].index(0.0)] == l0  # bit-exact: same weights, same masks
+    l0_fresh, gen_fresh, _ = _dropout_step(use_gen=True, remember=False)
+    assert gen_fresh.history[0]["losses"][1] != l0_fresh  # fresh masks: another function
+
+
+@pytest.mark.parametrize("remember", [True, False])
+def test_probing_does_not_shift_the_training_rng_stream(remember):
+    *_, stream_plain = _dropout_step(use_gen=False, remember=remember)
+    *_, stream_gen = _dropout_step(use_gen=True, remember=remember)
+    assert torch.equal(stream_plain, stream_gen)
+
+
+def test_remember_rng_is_free_on_non_probe_steps():
+    gen = GeN(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), every=2)
+    gen.remember_rng()
+    assert gen._replay is not None
+    gen._step = 1
+    gen._replay = None
+    gen.remember_rng()
+    assert gen._replay is None
+
+
+def _quadratic(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    h = m @ m.T / 5 + 0.5 * torch.eye(5, dtype=torch.float64)
+    w = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    return h, w
+
+
+def test_grad_scaler_steps_use_unscaled_gradients():
+    h, w = _quadratic()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = torch.optim.SGD([w], lr=0.01)
+    gen = GeN(opt, every=1, smoothing=0.0, max_change=None, scaler=scaler)
+    f = lambda: 0.5 * w @ h @ w  # noqa: E731
+    for _ in range(3):
+        loss = f()
+        scaler.scale(loss).backward()
+        gen.step(f, loss=loss.detach())
+        g = w.grad.clone()  # unscaled in place by scaler.step
+        scaler.update()
+        opt.zero_grad()
+        assert gen.history[-1]["accepted"]
+    # η* is the unscaled formula (a scaled β would make it 4096 times too large)
+    gb = gen.history[-1]
+    assert gb["beta_s"] == pytest.approx((g @ g).item() * gb["lr_before"], rel=1e-9)
+
+
+class FakeScaler:
+    """Skips the step when any gradient is non-finite, like GradScaler."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def step(self, optimizer):
+        self.calls += 1
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if all(torch.isfinite(x).all() for x in grads):
+            return optimizer.step()
+        return None
+
+
+@pytest.mark.parametrize("scaler", ["torch", "fake"])
+def test_skipped_step_is_not_probed_and_keeps_the_lr(scaler):
+    h, w = _quadratic(3)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler == "torch" else FakeScaler()
+    opt = torch.optim.Adam([w], lr=0.01)
+    gen = GeN(opt, every=1, scaler=sc)
+    calls = []
+    f = lambda: calls.append(1) or 0.5 * w @ h @ w  # noqa: E731
+    w0 = w.detach().clone()
+    loss = 0.5 * w @ h @ w
+    (sc.scale(loss) if scaler == "torch" else loss).backward()
+    w.grad[0] = float("inf")
+    gen.step(f, loss=loss.detach())
+    if scaler == "torch":
+        sc.update()
+    rec = gen.history[0]
+    assert rec["reason"] == "skipped_step" and not rec["accepted"]
+    assert calls == [] and gen.lr == 0.01 and torch.equal(w.detach(), w0)
+    assert opt.state[w] == {} or int(opt.state[w]["step"]) == 0

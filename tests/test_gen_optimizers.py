@@ -1,0 +1,168 @@
+"""GeN around real torch.optim optimizers: one base step per call, groups, untouched params."""
+
+import copy
+
+import pytest
+import torch
+
+from genrun.gen import GeN
+
+
+def least_squares(seed=0, n=64, d=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + 0.1 * torch.randn(n, generator=g)
+    return x, y
+
+
+def test_base_optimizer_steps_exactly_once_per_call():
+    x, y = least_squares()
+    w = torch.zeros(8, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    gen = GeN(opt, every=1, smoothing=0.5)
+    f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
+    grads = []
+    for _ in range(12):
+        loss = f()
+        loss.backward()
+        grads.append(w.grad.clone())
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    assert sum(r["accepted"] for r in gen.history) > 0
+    # a plain Adam fed the same gradients has the same moments and step count
+    v = torch.zeros(8, requires_grad=True)
+    ref = torch.optim.Adam([v], lr=0.05)
+    for g in grads:
+        v.grad = g.clone()
+        ref.step()
+    s, s_ref = opt.state[w], ref.state[v]
+    assert int(s["step"]) == int(s_ref["step"]) == 12
+    assert torch.equal(s["exp_avg"], s_ref["exp_avg"])
+    assert torch.equal(s["exp_avg_sq"], s_ref["exp_avg_sq"])
+
+
+def test_group_lr_ratios_survive():
+    x, y = least_squares(1)
+    a, b = torch.zeros(8, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}], momentum=0.5)
+    gen = GeN(opt, every=1)
+    f = lambda: ((x @ a + b - y) ** 2).mean()  # noqa: E731
+    for _ in range(30):
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    assert sum(r["accepted"] for r in gen.history) >= 10
+    assert gen.lr != 1e-2
+    assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0, rel=1e-12)
+    assert gen.param_groups is opt.param_groups
+
+
+def test_frozen_and_gradless_params_are_untouched():
+    x, y = least_squares(2)
+    w = torch.zeros(8, requires_grad=True)
+    frozen = torch.randn(8).requires_grad_(False)
+    unused = torch.randn(8, requires_grad=True)
+    frozen0, unused0 = frozen.clone(), unused.clone()
+    opt = torch.optim.AdamW([w, frozen, unused], lr=0.05, weight_decay=0.1)
+    gen = GeN(opt, every=1)
+    f = lambda: ((x @ (w + frozen) - y) ** 2).mean()  # noqa: E731
+    for _ in range(5):
+        loss = f()
+        loss.backward()
+        assert unused.grad is None
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    assert torch.equal(frozen, frozen0) and torch.equal(unused.detach(), unused0.detach())
+    assert not torch.equal(w.detach(), torch.zeros(8))
+
+
+OPTIMIZERS = {
+    "sgd_nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.001, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_each_base_optimizer_reduces_least_squares(name):
+    x, y = least_squares(3)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = OPTIMIZERS[name](model.parameters())
+    gen = GeN(opt, every=2)
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    first = f().item()
+    for _ in range(60):
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    assert f().item() < 0.25 * first
+    assert any(r["accepted"] for r in gen.history)
+    assert len(gen.history) == 30
+
+
+def _one_probe_step(snapshot, closure_factory=None):
+    x, y = least_squares(4)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    for _ in range(2):  # give momentum some state
+        f().backward()
+        opt.step()
+        opt.zero_grad()
+    plain_model, plain_opt = copy.deepcopy(model), None
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9)
+    plain_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else buffers are shared
+    w_t = [p.detach().clone() for p in model.parameters()]
+    loss = f()
+    loss.backward()
+    ((plain_model(x).squeeze(1) - y) ** 2).mean().backward()
+    plain_opt.step()
+    gen = GeN(opt, every=1, snapshot=snapshot)
+    gen.step(closure_factory(f) if closure_factory else f, loss=loss.detach())
+    w_next = [p.detach().clone() for p in plain_model.parameters()]
+    return gen, w_t, w_next, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("snapshot", ["device", "cpu"])
+def test_final_weights_are_exactly_lerp_of_the_two_ends(snapshot):
+    gen, w_t, w_next, w = _one_probe_step(snapshot)
+    rec = gen.history[0]
+    assert rec["accepted"] and rec["ratio"] != 1.0
+    for a, b, p in zip(w_t, w_next, w):
+        assert torch.equal(p, torch.lerp(a, b, rec["ratio"]))  # w_t - r·δ, one rounding
+
+
+@pytest.mark.parametrize("snapshot", ["device", "cpu"])
+def test_rejected_probe_leaves_the_base_step_bit_exactly(snapshot):
+    def nan_probes(f):
+        return lambda: f() * float("nan")
+
+    gen, _, w_next, w = _one_probe_step(snapshot, nan_probes)
+    assert gen.history[0]["reason"] == "nonfinite" and gen.history[0]["ratio"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(w, w_next))
+
+
+def test_cpu_and_device_snapshots_agree_bitwise():
+    _, _, _, w_dev = _one_probe_step("device")
+    _, _, _, w_cpu = _one_probe_step("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(w_dev, w_cpu))
+
+
+def test_tensor_learning_rate_is_scaled_in_place():
+    x, y = least_squares(5)
+    w = torch.zeros(8, requires_grad=True)
+    lr = torch.tensor(0.01)
+    opt = torch.optim.Adam([w], lr=lr)
+    gen = GeN(opt, every=1, smoothing=0.0)
+    f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
+    loss = f()
+    loss.backward()
+    gen.step(f, loss=loss.detach())
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert gen.lr == pytest.approx(gen.history[0]["lr_after"]) and gen.lr != 0.01

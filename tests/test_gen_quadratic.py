@@ -1,0 +1,193 @@
+"""GeN on L(w) = ½wᵀHw - cᵀw, where every quantity has a closed form (float64)."""
+
+import pytest
+import torch
+
+from genrun.gen import GeN
+from genrun.gen.search import lr_grid
+
+F64 = torch.float64
+
+
+def quadratic(n=6, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=F64)
+    h = m @ m.T / n + 0.5 * torch.eye(n, dtype=F64)
+    c = torch.randn(n, generator=g, dtype=F64)
+    w = torch.randn(n, generator=g, dtype=F64).requires_grad_()
+    return scale * h, scale * c, w
+
+
+def loss_of(h, c, w):
+    return lambda: 0.5 * w @ h @ w - c @ w
+
+
+def exact_gen():
+    return dict(every=1, smoothing=0.0, max_change=None)
+
+
+def test_gen_sgd_picks_the_exact_step_along_the_gradient():
+    h, c, w = quadratic()
+    opt = torch.optim.SGD([w], lr=0.01)
+    gen = GeN(opt, **exact_gen())
+    f = loss_of(h, c, w)
+    for _ in range(8):
+        loss = f()
+        loss.backward()
+        g, w0 = w.grad.detach().clone(), w.detach().clone()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+        eta = (g @ g / (g @ h @ g)).item()
+        assert gen.lr == pytest.approx(eta, rel=1e-6)
+        assert gen.history[-1]["accepted"] and gen.history[-1]["r2"] == pytest.approx(1.0, abs=1e-9)
+        # line 10: the step just taken already uses η*
+        torch.testing.assert_close(w.detach(), w0 - eta * g, rtol=1e-9, atol=1e-12)
+    rec = gen.history[-1]
+    assert rec["A"] == pytest.approx(rec["a_s"] / rec["lr_before"] ** 2)
+    assert rec["b"] == pytest.approx(rec["beta_s"] / rec["lr_before"])
+
+
+class NewtonDirection(torch.optim.Optimizer):
+    """w -= lr · H⁻¹ grad."""
+
+    def __init__(self, params, h, lr):
+        super().__init__(params, dict(lr=lr))
+        self.h_inv = torch.linalg.inv(h)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(group["lr"] * (self.h_inv @ p.grad))
+
+
+def test_newton_direction_gives_unit_step_prop_3_3():
+    h, c, w = quadratic(seed=1)
+    opt = NewtonDirection([w], h, lr=0.3)
+    gen = GeN(opt, **exact_gen())
+    f = loss_of(h, c, w)
+    loss = f()
+    loss.backward()
+    gen.step(f, loss=loss.detach())
+    assert gen.lr == pytest.approx(1.0, rel=1e-6)
+    torch.testing.assert_close(w.detach(), torch.linalg.solve(h, c), rtol=1e-8, atol=1e-10)
+
+
+def _trajectory(scale, steps=6):
+    h, c, w = quadratic(seed=2, scale=scale)
+    opt = torch.optim.SGD([w], lr=0.05)
+    gen = GeN(opt, **exact_gen())
+    f = loss_of(h, c, w)
+    out = []
+    for _ in range(steps):
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+        out.append(w.detach().clone())
+    return torch.stack(out), gen.lr
+
+
+def test_gen_sgd_update_is_scale_invariant_remark_3_4():
+    ws, lr = _trajectory(1.0)
+    ws_big, lr_big = _trajectory(1000.0)
+    torch.testing.assert_close(ws_big, ws, rtol=1e-9, atol=1e-12)
+    assert lr_big == pytest.approx(lr / 1000, rel=1e-9)
+
+
+def _eta_stars(mode):
+    h, c, w = quadratic(seed=3)
+    opt = torch.optim.Adam([w], lr=0.05)
+    gen = GeN(opt, mode=mode, every=1, smoothing=0.5, max_change=None)
+    f = loss_of(h, c, w)
+    for _ in range(6):
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    return [r["eta_star"] for r in gen.history], [r["A"] for r in gen.history]
+
+
+def test_exact_mode_agrees_with_fit_mode():
+    fit_eta, fit_a = _eta_stars("fit")
+    exact_eta, exact_a = _eta_stars("exact")
+    assert exact_eta == pytest.approx(fit_eta, rel=1e-6)
+    assert exact_a == pytest.approx(fit_a, rel=1e-6)
+
+
+def test_gradient_accumulation_uses_the_accumulated_gradient():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 16, 5, generator=g, dtype=F64), torch.randn(2, 16, generator=g, dtype=F64)
+    w = torch.zeros(5, dtype=F64, requires_grad=True)
+    micro = lambda i: 0.5 * ((x[i] @ w - y[i]) ** 2).mean()  # noqa: E731
+    closure = lambda: (micro(0) + micro(1)) / 2  # noqa: E731
+    h = sum(x[i].T @ x[i] for i in range(2)) / 32  # Hessian of the mean over both micro-batches
+    opt = torch.optim.SGD([w], lr=1e-3)
+    gen = GeN(opt, **exact_gen())
+    for _ in range(4):
+        total = 0.0
+        for i in range(2):
+            part = micro(i) / 2
+            part.backward()
+            total += part.detach()
+        gd = w.grad.clone()
+        gen.step(closure, loss=total)
+        opt.zero_grad()
+        assert gen.lr == pytest.approx((gd @ gd / (gd @ h @ gd)).item(), rel=1e-6)
+        assert gen.history[-1]["r2"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_init_search_picks_the_grid_lr_with_the_lowest_loss():
+    h, c, w = quadratic(seed=5)
+    w0 = w.detach().clone()
+    opt = torch.optim.SGD([w], lr=1e-5)
+    gen = GeN(opt, init_search=True, every=1)
+    f = loss_of(h, c, w)
+    loss = f()
+    loss.backward()
+    g = w.grad.clone()
+    gen.step(f, loss=loss.detach())
+    values = [(0.5 * (w0 - e * g) @ h @ (w0 - e * g) - c @ (w0 - e * g)).item() for e in lr_grid()]
+    best = lr_grid()[min(range(len(values)), key=values.__getitem__)]
+    rec = gen.history[0]
+    assert rec["reason"] == "init_search" and rec["accepted"]
+    assert gen.lr == pytest.approx(best, rel=1e-12)
+    torch.testing.assert_close(w.detach(), w0 - best * g, rtol=1e-9, atol=1e-12)
+    assert len(rec["losses"]) == len(lr_grid())
+    # later probes are ordinary fits
+    opt.zero_grad()
+    loss = f()
+    loss.backward()
+    gen.step(f, loss=loss.detach())
+    assert gen.history[1]["mode"] == "fit"
+
+
+def test_init_search_hits_a_known_optimum_on_the_grid():
+    w = torch.tensor([2.0, -1.0], dtype=F64, requires_grad=True)
+    f = lambda: 50.0 * (w**2).sum()  # noqa: E731  Hessian 100·I: best lr along -g is exactly 1e-2
+    opt = torch.optim.SGD([w], lr=3e-6)
+    gen = GeN(opt, init_search=True)
+    loss = f()
+    loss.backward()
+    gen.step(f, loss=loss.detach())
+    assert gen.lr == pytest.approx(1e-2, rel=1e-12)
+    assert f().item() == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("horizon", ["linear", "cosine"])
+def test_horizon_scales_eta_star(horizon):
+    import math
+
+    h, c, w = quadratic(seed=6)
+    opt = torch.optim.SGD([w], lr=0.01)
+    gen = GeN(opt, horizon=horizon, total_steps=8, **exact_gen())
+    f = loss_of(h, c, w)
+    for t in range(4):
+        loss = f()
+        loss.backward()
+        gd = w.grad.clone()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+        factor = 1 - t / 8 if horizon == "linear" else (1 + math.cos(math.pi * t / 8)) / 2
+        assert gen.history[-1]["horizon"] == pytest.approx(factor)
+        assert gen.lr == pytest.approx((gd @ gd / (gd @ h @ gd)).item() * factor, rel=1e-6)

@@ -1,0 +1,203 @@
+"""Gates, guard, failures that must not reach the training loop, resume, arguments."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genrun.gen import GeN
+
+F64 = torch.float64
+
+
+def one_step(gen, w, f, loss=True):
+    out = f()
+    out.backward()
+    gen.step(f, loss=out.detach() if loss else None)
+    gen.optimizer.zero_grad()
+    return gen.history[-1] if gen.history else None
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_probe_loss_keeps_lr_and_records_why(bad):
+    w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    gen = GeN(opt, every=1)
+    calls = []
+
+    def f():
+        calls.append(1)
+        loss = (w**2).sum()
+        return loss * bad if len(calls) == 2 else loss  # the first probe forward is call 2
+
+    rec = one_step(gen, w, f)
+    assert rec["reason"] == "nonfinite" and not rec["accepted"]
+    assert gen.lr == 0.1 and rec["lr_after"] == 0.1
+    assert torch.equal(w.detach(), torch.tensor([0.8, -1.6], dtype=F64))  # the plain SGD step
+
+
+def test_r2_gate_rejects_a_quartic_and_accepts_a_quadratic():
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.01), every=1)  # default slope=True, min_r2=0.99
+    rec = one_step(gen, w, lambda: (w**4).sum())
+    assert rec["reason"] == "r2" and rec["r2"] < 0.99 and gen.lr == 0.01
+    # the paper's 3-point fit (slope=False) cannot see it: R² is 1 by construction
+    v = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen3 = GeN(torch.optim.SGD([v], lr=0.01), every=1, slope=False)
+    rec3 = one_step(gen3, v, lambda: (v**4).sum())
+    assert rec3["r2"] == pytest.approx(1.0, abs=1e-12) and rec3["accepted"]
+    u = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    genq = GeN(torch.optim.SGD([u], lr=0.01), every=1)
+    recq = one_step(genq, u, lambda: 5.0 * (u**2).sum())
+    assert recq["accepted"] and recq["r2"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn,reason", [
+    (lambda w: -(w**2).sum(), "curvature<=0"),     # concave: a < 0
+    (lambda w: (w**2).sum(), "slope<=0"),          # ascent step (maximize): β < 0
+])
+def test_curvature_and_slope_gates(loss_fn, reason):
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, maximize=(reason == "slope<=0"))
+    gen = GeN(opt, every=1)
+    rec = one_step(gen, w, lambda: loss_fn(w))
+    assert rec["reason"] == reason and gen.lr == 0.1
+
+
+def test_zero_step_without_scaler_is_recorded_as_skipped():
+    w = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.0), every=1)
+    rec = one_step(gen, w, lambda: (w**2).sum())
+    assert rec["reason"] == "skipped_step" and gen.lr == 0.0
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_guard_caps_a_lagging_rate_at_the_fitted_minimiser(guard):
+    # L = w²/2, lr 3: η* = 1, s* = 1/3, but smoothing keeps r = 0.9 + 0.1/3 > 2s*
+    w = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=guard)
+    rec = one_step(gen, w, lambda: 0.5 * (w**2).sum())
+    assert rec["accepted"] and rec["guarded"] is guard
+    if guard:
+        assert rec["ratio"] == pytest.approx(1 / 3, rel=1e-12) and gen.lr == pytest.approx(1.0)
+        assert w.item() == pytest.approx(0.0, abs=1e-12)
+    else:
+        assert rec["ratio"] == pytest.approx(0.9 + 0.1 / 3) and abs(w.item()) > 1.0  # overshot
+
+
+def test_closure_error_restores_weights_and_propagates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = GeN(opt, every=1, model=model)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.grad = p.grad.clone()
+    ref_opt.step()
+    buf = [b.clone() for b in model.buffers()]
+
+    def broken():
+        model(x)  # moves BatchNorm before failing
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gen.step(broken, loss=loss.detach())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buf))
+    assert gen.state_dict()["step"] == 1 and gen.history == []
+
+
+def _resume_run(split=None, steps=20):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(steps, 16, 5, generator=g), torch.randn(steps, 16, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    gen = GeN(opt, every=3, smoothing=0.5)
+    lrs = []
+    for t in range(steps):
+        if t == split:
+            saved = copy.deepcopy({"m": model.state_dict(), "o": opt.state_dict(), "g": gen.state_dict()})
+            torch.manual_seed(99)
+            model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+            opt = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.01)
+            gen = GeN(opt, every=3, smoothing=0.5)
+            model.load_state_dict(saved["m"])
+            opt.load_state_dict(saved["o"])
+            gen.load_state_dict(saved["g"])
+        f = lambda: ((model(x[t]).squeeze(1) - y[t]) ** 2).mean()  # noqa: E731
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+        lrs.append(gen.lr)
+    return lrs, [p.detach() for p in model.parameters()], gen
+
+
+def test_state_dict_round_trip_gives_the_same_trajectory():
+    lrs, params, gen = _resume_run()
+    lrs2, params2, gen2 = _resume_run(split=10)
+    assert lrs == lrs2 and len(set(lrs)) > 3
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert gen.history == gen2.history and gen2.state_dict()["step"] == 20
+    with pytest.raises(KeyError):
+        gen2.load_state_dict({"step": 1})
+
+
+def test_will_probe_and_history_records_are_plain_json():
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.1), every=3)
+    seen = []
+    for _ in range(7):
+        seen.append(gen.will_probe)
+        one_step(gen, w, lambda: (w**2).sum())
+    assert seen == [True, False, False, True, False, False, True]
+    assert [r["step"] for r in gen.history] == [0, 3, 6]
+    keys = {"step", "lr_before", "lr_after", "eta_star", "A", "b", "a_s", "beta_s", "r2", "accepted",
+            "reason", "points", "losses", "horizon", "guarded"}
+    assert keys <= set(gen.history[0])
+    json.loads(json.dumps(gen.history))  # only plain Python values
+    assert all(isinstance(v, (int, float, bool, str, list, type(None))) for v in gen.history[0].values())
+
+
+def _opt():
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(every=0), "every must be an integer >= 1, got 0"),
+    (dict(every=1.5), "every must be an integer >= 1"),
+    (dict(every=True), "every must be an integer >= 1"),
+    (dict(smoothing=1.0), r"smoothing must be a number in \[0, 1\)"),
+    (dict(smoothing=-0.1), r"smoothing must be a number in \[0, 1\)"),
+    (dict(max_change=1.0), "max_change must be None or a number > 1"),
+    (dict(min_r2=1.5), "min_r2 must be None or a number <= 1"),
+    (dict(horizon="exp"), "horizon must be one of None, 'none', 'linear', 'cosine'"),
+    (dict(horizon="linear"), "horizon='linear' needs total_steps"),
+    (dict(total_steps=0), "total_steps must be None or an integer >= 1"),
+    (dict(snapshot="gpu"), "snapshot must be 'device' or 'cpu'"),
+    (dict(mode="newton"), "mode must be 'fit' or 'exact'"),
+    (dict(points=()), "points must be a non-empty sequence"),
+    (dict(points=(0.0,)), "at least one non-zero multiplier"),
+    (dict(points=(1.0, 1.0)), "points must be distinct"),
+    (dict(points=(0.0, 1.0), slope=False), "at least two distinct non-zero multipliers"),
+    (dict(points=(0.0, math.inf)), "finite"),
+    (dict(distributed="yes"), "distributed must be 'auto', True or False"),
+    (dict(slope=1), "slope must be True or False"),
+    (dict(scaler=object()), "scaler must be None or a GradScaler"),
+])
+def test_argument_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GeN(_opt(), **kwargs)
+
+
+def test_optimizer_type_is_checked():
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        GeN([torch.zeros(1)])
