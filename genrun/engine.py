@@ -171,7 +171,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
 
                 if step % tc.log_every == 0 or step == total_steps:
-                    emit({"kind": "train", "step": step, "epoch": epoch, "split": "train", "loss": loss_value, "lr": lrs()})
+                    emit({"kind": "train", "step": step, "epoch": epoch, "split": "train", "loss": loss_value,
+                          "lr": lrs(), **task.step_metrics(model)})
                 if gen is not None:
                     for record in gen.history[gen_logged:]:
                         emit({"kind": "gen", **record})

@@ -20,6 +20,7 @@ class Task:
     `loss(model, batch)` is the scalar training objective of one (micro-)batch.
     `evaluate(model, loader, to_device)` returns metrics averaged over a whole split; the
     default sums `metric_sums` over batches, which suits averages such as accuracy.
+    `step_metrics(model)` may add numbers to every logged train record.
     """
 
     name: str = "task"
@@ -33,6 +34,10 @@ class Task:
     def metric_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Per-batch sums of each metric plus `count`, the number of examples."""
         raise NotImplementedError
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Extra numbers for each logged train record (e.g. the iterate of a 2-D function)."""
+        return {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:

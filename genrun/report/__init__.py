@@ -1,0 +1,49 @@
+"""`genrun-report <sweep dir>`: tables and figures from a sweep's runs, written into the sweep dir.
+
+Each report module exposes `applies(runs) -> bool` and `render(runs, out_dir) -> list[Path]`;
+every module that applies to the sweep's runs renders. `runs.load_runs` reads each job's
+resolved config, summary and metrics once, so reports never parse run dirs themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from genrun.report.runs import load_runs
+
+# Report modules, in the order they render. Each is genrun.report.<name>.
+REPORTS: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genrun-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a genrun -m sweep dir (or a dir of run dirs)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"genrun-report: error: {args.sweep_dir} is not a directory; pass a sweep dir", file=sys.stderr)
+        return 2
+    runs = load_runs(args.sweep_dir)
+    if not runs:
+        print(f"genrun-report: error: no runs (dirs with summary.json) under {args.sweep_dir}", file=sys.stderr)
+        return 2
+    out = args.out or args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name in REPORTS:
+        module = importlib.import_module(f"genrun.report.{name}")
+        if module.applies(runs):
+            written += module.render(runs, out)
+    if not written:
+        print(f"genrun-report: error: no report applies to the {len(runs)} runs under {args.sweep_dir}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Reading a sweep's runs: each job's resolved config, summary and logged records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class Run:
+    """One finished (or diverged) job of a sweep."""
+
+    path: Path
+    cfg: DictConfig
+    summary: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl: train and eval records in order."""
+        return _jsonl(self.path / "metrics.jsonl")
+
+    @cached_property
+    def probes(self) -> list[dict[str, Any]]:
+        """gen.jsonl: one record per GeN probe."""
+        return _jsonl(self.path / "gen.jsonl")
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    """Every run dir below `sweep_dir` (any depth) that has a summary.json and .hydra/config.yaml."""
+    runs = []
+    for summary in sorted(Path(sweep_dir).rglob("summary.json")):
+        run_dir = summary.parent
+        config = run_dir / ".hydra" / "config.yaml"
+        if not config.exists():
+            continue
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+        runs.append(Run(run_dir, OmegaConf.load(config), json.loads(summary.read_text()), overrides))
+    return runs
