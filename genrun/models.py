@@ -1,8 +1,14 @@
-"""Small models for the offline tasks. Larger ones come from torchvision and timm."""
+"""Models: a small CNN for the offline tasks; torchvision ResNets and timm ViTs for the paper's vision runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch import nn
+
+from genrun.errors import UserError
 
 
 class SmallCNN(nn.Module):
@@ -44,3 +50,142 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         return self.head(self.features(x))
 
+
+
+# -- torchvision ResNets and timm ViTs (paper B.2: ImageNet-pretrained, fine-tuned) ------------
+#
+# `pretrained` is false (random init), true (the library's own download: torchvision's
+# ImageNet weights, timm's Hugging Face weights; offline this fails with a one-line UserError),
+# or the path of a local state_dict file (read with weights_only=True). With pretrained
+# weights, a head whose class count differs from `num_classes` is replaced by a fresh one, and
+# a first conv made for 3 channels is summed over its input channels when `in_channels` is 1
+# (timm's rule), so the offline 1-channel tasks need no channel copying in the data.
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet152")
+VITS = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+
+
+def _offline_hint(what: str, err: Exception) -> UserError:
+    reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    return UserError(
+        f"model.pretrained=true: could not download the {what} weights ({type(err).__name__}: {reason}); "
+        f"without internet, save a state_dict on a machine that has it and pass model.pretrained=/path/to/weights.pt"
+    )
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A local weights file: a state_dict, or a checkpoint holding one under 'state_dict' or 'model'."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"model.pretrained={path}: no such file; pass a state_dict saved with torch.save, true or false")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, non-tensor objects
+        raise UserError(f"model.pretrained={path}: not a readable weights file ({type(err).__name__})") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"model.pretrained={path}: expected a state_dict (name -> tensor)")
+    return state
+
+
+def _adapt_in_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A 3-channel first conv for `in_channels` inputs: summed for 1 channel, tiled and rescaled otherwise."""
+    if weight.shape[1] == in_channels:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], head: str, first_conv: str, source: str) -> None:
+    """Load `state` into `model`, replacing a head of another class count; other mismatches are errors."""
+    own = model.state_dict()
+    if first_conv in state and first_conv in own:
+        state[first_conv] = _adapt_in_channels(state[first_conv], own[first_conv].shape[1])
+    for key in [k for k in state if k.startswith(head + ".")]:
+        if key in own and state[key].shape != own[key].shape:
+            state[key] = own[key]  # a new head: keep the fresh initialisation
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if bad or missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("wrong shape", bad), ("missing", missing), ("unexpected", unexpected))
+            if keys
+        )
+        raise UserError(f"model.pretrained={source}: weights do not fit {type(model).__name__} ({detail})")
+    model.load_state_dict(state)
+
+
+def resnet(
+    arch: str = "resnet50",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    pretrained: bool | str = False,
+) -> nn.Module:
+    """A torchvision ResNet (18/34/50/152) with a `num_classes` head and `in_channels` inputs."""
+    import torchvision
+
+    if arch not in RESNETS:
+        raise UserError(f"model.arch={arch} is not one of {', '.join(RESNETS)}")
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if pretrained is True:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as err:  # URLError, socket errors, HTTP errors: all mean "could not fetch"
+            raise _offline_hint(f"torchvision {arch}", err) from err
+        _load_into(model, dict(state), "fc", "conv1.weight", "true")
+    elif pretrained not in (False, None):
+        _load_into(model, _read_state_dict(pretrained), "fc", "conv1.weight", str(pretrained))
+    return model
+
+
+def vit(
+    arch: str = "vit_base",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 224,
+    pretrained: bool | str = False,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """A timm ViT (tiny/small/base/large, patch 16) for `image_size` inputs.
+
+    Position embeddings are resampled for other sizes and inputs whose side is not a multiple
+    of 16 are padded (timm's dynamic_img_size/pad), so 8x8 digits and 28x28 MNIST run too.
+    """
+    import timm
+
+    if arch not in VITS:
+        raise UserError(f"model.arch={arch} is not one of {', '.join(VITS)}")
+    kwargs: dict[str, Any] = dict(
+        num_classes=num_classes, in_chans=in_channels, img_size=image_size,
+        dynamic_img_size=True, dynamic_img_pad=True, drop_path_rate=drop_path_rate,
+    )
+    if pretrained in (False, None):
+        return timm.create_model(VITS[arch], pretrained=False, **kwargs)
+    if pretrained is True:
+        try:
+            return timm.create_model(VITS[arch], pretrained=True, **kwargs)
+        except Exception as err:  # hub/HTTP/offline errors
+            raise _offline_hint(f"timm {VITS[arch]}", err) from err
+    model = timm.create_model(VITS[arch], pretrained=False, **kwargs)
+    state = _read_state_dict(pretrained)
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
+    _load_into(model, state, "head", "patch_embed.proj.weight", str(pretrained))
+    return model

@@ -162,17 +162,17 @@ def guarded_ratio(
 ) -> tuple[float, bool]:
     """Cap ``r`` at ``s* = β/a`` when the probes already say that ``r`` raises the loss.
 
-    Smoothing (γ = 0.9) makes the lr lag η*: after η* drops, ``r = γ + (1-γ)s*`` can
-    stay far above s*.  The fitted parabola predicts ``ΔL(r) = (a/2)r² - βr``, which is
-    positive exactly when ``r > 2β/a = 2s*``: the step would end *above* L0 on the
-    very batch we probed.  A probe at ``0 < s ≤ r`` with ``L(s) > L0`` is direct
-    evidence of the same (a step of length r passes through a point that is already
-    worse).  In either case keeping the smoothed rate is known to overshoot, and the
-    best step the probes support is the fitted minimiser s*, so we take that.  Only
-    meaningful for an accepted fit (a > 0, β > 0).  GeN applies it after the
-    ``max_change`` clamp: the clamp bounds how far one noisy estimate may *move* the
-    lr, the guard only ever lowers r, and only to what these probes support.
-    Returns ``(r, guarded)``.
+    For an *accepted* fit.  Smoothing (γ = 0.9) makes the lr lag η*: after η* drops,
+    ``r = γ + (1-γ)s*`` can stay far above s*.  The fitted parabola predicts
+    ``ΔL(r) = (a/2)r² - βr``, which is positive exactly when ``r > 2β/a = 2s*``: the
+    step would end *above* L0 on the very batch we probed.  A probe at ``0 < s ≤ r``
+    with ``L(s) > L0`` is direct evidence of the same (a step of length r passes
+    through a point that is already worse).  In either case keeping the smoothed rate
+    is known to overshoot, and the best step the probes support is the fitted
+    minimiser s*, so we take that.  GeN applies it after the ``max_change`` clamp: the
+    clamp bounds how far one noisy estimate may *move* the lr, the guard only ever
+    lowers r, and only to what these probes support.  A rejected fit is handled by
+    :func:`backtrack_ratio` instead.  Returns ``(r, guarded)``.
     """
     s_star = fit.s_star
     overshoot = 0.5 * fit.a * r * r - fit.beta * r > 0.0
@@ -180,3 +180,41 @@ def guarded_ratio(
     if (overshoot or seen) and s_star < r:
         return s_star, True
     return r, False
+
+
+#: Safeguard of one backtrack, as fractions of the trial multiplier that raised the loss:
+#: the new multiplier lies in [0.1·s, 0.5·s] (Nocedal & Wright, Numerical Optimization,
+#: 2nd ed., §3.5), so each backtrack at least halves the step and at most divides it by 10.
+BACKTRACK_RANGE = (0.1, 0.5)
+
+
+def backtrack_ratio(
+    r: float, points: Sequence[float], losses: Sequence[float], l0: float, beta: float
+) -> tuple[float, bool]:
+    """The guard for a *rejected* fit: a backtracking line-search step from the probes.
+
+    A fit is rejected (R², curvature, non-finite) most often precisely when the step is
+    far outside the region where the loss is quadratic along d, i.e. when it is too
+    long; keeping the rate then (r = 1) is what lets a run diverge.  If a probe at
+    ``0 < s ≤ r`` has ``L(s) > L0`` (or is not finite), the step at r is known to
+    raise the loss.  The new multiplier is the minimiser of the quadratic that matches
+    L0, the slope ``-β`` at 0 (exact with ``slope=True``) and L(s)
+    (Nocedal & Wright (3.57)): ``s·β·s / (2·(L(s) - L0 + β·s))`` — always below s/2 —
+    kept in ``BACKTRACK_RANGE``·s (0.1·s when L(s) is not finite).  The smallest such s
+    is used (the shortest trial already shown to be too long).  Only for a descent
+    direction (β > 0, finite): then a short enough step provably lowers the loss.  With
+    β ≤ 0 no step length along d does (momentum and adaptive updates are sometimes not
+    descent directions for the current batch), and cutting the lr would only collapse
+    it — measured: GeN-Adam's lr fell to 1e-8 and stalled on Rosenbrock and Beale — so
+    the rate is kept, as Algorithm 1 does for a rejected fit.  Returns
+    ``(r, guarded)``; unchanged when no probe shows a rise.
+    """
+    if not (math.isfinite(l0) and math.isfinite(beta) and beta > 0.0):
+        return r, False
+    raising = [(s, loss) for s, loss in zip(points, losses) if 0.0 < s <= r and not loss <= l0]
+    if not raising:
+        return r, False
+    s, loss = min(raising)
+    lo, hi = BACKTRACK_RANGE[0] * s, BACKTRACK_RANGE[1] * s
+    new = beta * s * s / (2.0 * (loss - l0 + beta * s)) if math.isfinite(loss) else lo
+    return min(max(new, lo), hi), True

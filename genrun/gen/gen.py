@@ -11,13 +11,18 @@ from torch import Tensor, nn
 
 from .distributed import distributed_active, reduce_stats
 from .exact import curvature_along
-from .fit import ParabolaFit, fit_parabola, guarded_ratio, horizon_factor, smoothed_ratio, why_rejected
+from .fit import (
+    ParabolaFit, backtrack_ratio, fit_parabola, guarded_ratio, horizon_factor, smoothed_ratio, why_rejected,
+)
 from .probe import ProbeScope, as_loss, probe_losses, rng_state
 from .search import best_on_grid, lr_grid
 from .snapshot import StepSnapshot
 from .validate import check_arguments
 
 Closure = Callable[[], Any]
+
+#: Most extra probe forwards the guard spends on one step after a rejected fit.
+GUARD_TRIES = 8
 
 
 class GeN:
@@ -42,13 +47,23 @@ class GeN:
        ``[η/max_change, η·max_change]``; every group's lr is multiplied by
        ``r = η_new/η`` so ratios between groups survive — line 9;
     6. ``w_{t+1} = w_t - r·δ``: this very step already uses the new rate — line 10;
-    7. with ``guard=True``, after the clamp, caps r at the fitted minimiser ``β/a`` when
-       the probes show that r raises the loss (:func:`~genrun.gen.fit.guarded_ratio`).
+    7. with ``guard=True``, steps at a rate the probes show to raise the loss are not
+       taken: for an accepted fit, after the clamp, r is capped at the fitted minimiser
+       ``β/a`` when the parabola or a probe at ``0 < s ≤ r`` says r raises the loss
+       (:func:`~genrun.gen.fit.guarded_ratio`); for a *rejected* fit (kept rate, r = 1)
+       with a probe at ``0 < s ≤ 1`` above L0, a safeguarded backtracking line search
+       (:func:`~genrun.gen.fit.backtrack_ratio`, quadratic interpolation from L0, the
+       exact slope β and the failed trial) cuts r and re-probes until the step no longer
+       raises the loss — at most ``GUARD_TRIES`` extra forwards, spent only then.  The
+       lr keeps the cut.  Without it, Algorithm 1 with γ = 0.9 diverges on Beale from
+       (1, 1.5) and GeN-SGD from lr 0.05 on Rosenbrock/Beale
+       (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
     lr_after, ratio, eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason
     (None or one of "nonfinite", "degenerate", "curvature<=0", "slope<=0", "r2",
-    "skipped_step", "init_search"), points, losses, horizon, guarded, delta_norm.
+    "skipped_step", "init_search"), points, losses, horizon, guarded, delta_norm; after a
+    guard backtrack also guard_points and guard_losses (the re-probed multipliers and losses).
     GeN owns the lr: an LR scheduler stepping the same optimizer would fight it
     (use ``horizon`` for a T-dependent decay).
 
@@ -275,7 +290,28 @@ class GeN:
             return 1.0
         fit = fit_parabola(pts, losses, l0, beta if self.slope else None)
         finite = all(math.isfinite(x) for x in [l0, *losses]) and math.isfinite(beta)
-        return self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0)
+        r = self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0)
+        if rec["guarded"] and not rec["accepted"]:
+            r = self._backtrack(rec, closure, snap, scope, device, l0, fit.beta, r)
+        return r
+
+    def _backtrack(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot, scope: ProbeScope,
+                   device: torch.device, l0: float, beta: float, r: float) -> float:
+        """The guard's line search after a rejected fit: probe the cut step and cut again
+        while it still raises the loss (at most ``GUARD_TRIES`` extra forwards, spent only
+        when the probes already showed a rise).  Each value is reduced like the others,
+        so every rank takes the same decisions."""
+        tried, seen = [], []
+        for _ in range(GUARD_TRIES):
+            value = probe_losses(closure, snap.place, [r], scope, device)[0]
+            loss_r = self._reduce(value.to(device=device, dtype=torch.float64).reshape(1), 0)[0]
+            tried.append(r)
+            seen.append(loss_r)
+            r, cut = backtrack_ratio(r, [r], [loss_r], l0, beta)
+            if not cut:
+                break
+        rec.update(guard_points=tried, guard_losses=seen)
+        return r
 
     def _exact(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot,
                scope: ProbeScope, head: Tensor, lr0: float) -> float:
@@ -300,7 +336,10 @@ class GeN:
             eta_star=lr0 * fit.s_star, reason=reason, accepted=reason is None,
         )
         if reason is not None:
-            return 1.0
+            if not self.guard or reason == "skipped_step":
+                return 1.0
+            r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
+            return r
         r = smoothed_ratio(fit.s_star, self.smoothing, rec["horizon"], self.max_change)
         if self.guard:
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)

@@ -53,3 +53,13 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         runs.append(Run(run_dir, OmegaConf.load(config), json.loads(summary.read_text()), overrides))
     return runs
+
+
+def train_series(run: Run, keys: tuple[str, ...]) -> list[tuple[int, tuple[Any, ...]]]:
+    """``(step, (record[k] for k in keys))`` for each train record of `run` that has every key,
+    in logged order (a value logged as null, e.g. a non-finite one, comes back as None)."""
+    return [
+        (int(rec["step"]), tuple(rec[k] for k in keys))
+        for rec in run.records
+        if rec.get("kind") == "train" and all(k in rec for k in keys)
+    ]

@@ -1,0 +1,67 @@
+"""The learning-rate-free baselines come from their packages, build from their YAML, and train."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from genrun.engine import train
+from genrun.optim import build_optimizer
+from genrun.validate import validate
+
+BASELINES = {  # conf/optim option -> the package class it must build
+    "prodigy": "prodigyopt.prodigy.Prodigy",
+    "dadapt_sgd": "dadaptation.dadapt_sgd.DAdaptSGD",
+    "dadapt_adamw": "dadaptation.dadapt_adam.DAdaptAdam",
+    "sf_sgd": "schedulefree.sgd_schedulefree.SGDScheduleFree",
+    "sf_adamw": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+    "dog": "dog.dog.DoG",
+}
+FAST = ["task=digits", "logger=none", "trainer.max_steps=6", "trainer.batch_size=64", "trainer.progress=off",
+        "trainer.device=cpu", "trainer.eval_batch_size=512"]
+
+
+@pytest.mark.parametrize("option", BASELINES)
+def test_baseline_builds_its_package_class_and_trains(compose_cfg, option, tmp_path):
+    cfg = compose_cfg([f"optim={option}", *FAST])
+    validate(cfg)
+    from hydra.utils import instantiate
+
+    opt, spec = build_optimizer(cfg.optim, instantiate(cfg.model))
+    assert f"{type(opt).__module__}.{type(opt).__name__}" == BASELINES[option]
+    assert spec.has_modes == option.startswith("sf_")
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["step"] == 6
+    assert math.isfinite(summary["final"]["test"]["loss"])
+
+
+def test_dadapt_settings_follow_the_paper(compose_cfg):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["optim=dadapt_adamw"])
+    opt, _ = build_optimizer(cfg.optim, instantiate(cfg.model))
+    assert all(group["decouple"] for group in opt.param_groups)  # AdamW-style decay
+    sgd = compose_cfg(["optim=dadapt_sgd"]).optim
+    assert sgd.weight_decay == 0.0 and sgd.momentum == 0.9  # B.2.2 removed the decay for this one
+
+
+def test_schedule_free_is_switched_to_eval_for_evaluation_and_back(compose_cfg, tmp_path, monkeypatch):
+    import schedulefree
+
+    calls = []
+    cls = schedulefree.SGDScheduleFree
+    for mode in ("train", "eval"):
+        original = getattr(cls, mode)
+        monkeypatch.setattr(cls, mode, lambda self, _m=mode, _o=original: (calls.append(_m), _o(self))[1])
+    cfg = compose_cfg(["optim=sf_sgd", *FAST, "trainer.eval_every=3"])
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished"
+    # train before the steps, eval before every evaluation (steps 3 and 6), train again after the one mid-run
+    assert calls[0] == "train" and calls.count("eval") >= 2 and calls[calls.index("eval") + 1] == "train"
+
+
+def test_a_diverging_baseline_is_recorded_as_diverged(compose_cfg, tmp_path):
+    cfg = compose_cfg(["optim=sf_sgd", "optim.lr=1e12", *FAST])
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "diverged" and "loss is" in summary["message"]
