@@ -32,7 +32,8 @@ def test_every_task_composes_and_builds(compose_cfg, task, tmp_path):
     validate(cfg)
     built = instantiate(cfg.task)
     assert built.name == cfg.task.name == task
-    assert built.num_classes == cfg.task.num_classes and built.in_channels == cfg.task.in_channels
+    if "num_classes" in cfg.task:  # classification tasks: the model's head is sized from these
+        assert built.num_classes == cfg.task.num_classes and built.in_channels == cfg.task.in_channels
 
 
 @pytest.mark.parametrize("task", SMALL_TASKS)
@@ -48,7 +49,7 @@ def test_offline_tasks_load_real_data_with_a_fixed_split(compose_cfg, task):
     assert len(evals_a["test"]) == math.ceil(0.2 * total)  # scikit-learn rounds the test share up
 
 
-@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("model", [m for m in options("model") if m != "point"])  # point: test_synthetic
 @pytest.mark.parametrize("task", SMALL_TASKS)
 def test_every_model_composes_and_runs_forward(compose_cfg, model, task):
     cfg = compose_cfg([f"model={model}", f"task={task}"])
