@@ -151,10 +151,12 @@ class Cifar10(TorchvisionTask):
     folder = "cifar-10-batches-py"
     required = (folder,)
     manual = "extract cifar-10-python.tar.gz"
+    reader = "CIFAR10"  # the class in genrun.tasks.vision_data
 
     def load(self, transform):
-        from genrun.tasks.vision_data import CIFAR10 as cls
+        from genrun.tasks import vision_data
 
+        cls = getattr(vision_data, self.reader)
         return (cls(str(self.root), train=True, transform=transform, download=self.download),
                 cls(str(self.root), train=False, transform=transform, download=self.download))
 
@@ -168,12 +170,7 @@ class Cifar100(Cifar10):
     folder = "cifar-100-python"
     required = (folder,)
     manual = "extract cifar-100-python.tar.gz"
-
-    def load(self, transform):
-        from genrun.tasks.vision_data import CIFAR100 as cls
-
-        return (cls(str(self.root), train=True, transform=transform, download=self.download),
-                cls(str(self.root), train=False, transform=transform, download=self.download))
+    reader = "CIFAR100"
 
 
 class Food101(TorchvisionTask):
