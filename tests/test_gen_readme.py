@@ -8,10 +8,8 @@ HEADING = "## GeN in your own training loop"
 
 
 def example_code() -> str:
-    readme = ROOT / "README.md"
-    text = readme.read_text() if readme.exists() else ""
-    if HEADING not in text:
-        text = (ROOT / "docs" / "gen_readme_section.md").read_text()
+    text = (ROOT / "README.md").read_text()
+    assert HEADING in text, f"README.md lost its {HEADING!r} section"
     section = text.split(HEADING, 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
     assert match, f"no ```python block under {HEADING!r}"
