@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from genrun import checkpoint
+from genrun.errors import UserError
 from genrun.gen import GeN
 from genrun.optim import build_optimizer
 from genrun.runtime import (
@@ -84,13 +85,18 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     # -- resume ----------------------------------------------------------------------------
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(resume["schedule"])
-        scaler.load_state_dict(resume["scaler"])
-        if gen is not None:
-            gen.load_state_dict(resume["gen"])
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if schedule is not None:
+                schedule.load_state_dict(resume["schedule"])
+            scaler.load_state_dict(resume["scaler"])
+            if gen is not None:
+                gen.load_state_dict(resume["gen"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise UserError(f"trainer.resume: {tc.resume} does not fit this run's model/optimizer ({first}); "
+                            "resume with the overrides the run was started with") from None
         step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
         checkpoint.set_rng_state(resume["rng"])
         _drop_records_after(run_dir, step)

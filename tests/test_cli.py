@@ -114,6 +114,15 @@ def test_bad_checkpoint_is_a_clear_error(genrun, tmp_path, content):
     assert (run_dir / "ckpt.pt").exists()  # a user's file is never removed
 
 
+def test_checkpoint_of_another_model_is_a_clear_error(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    assert genrun("trainer.max_steps=3", "trainer.progress=off", f"hydra.run.dir={run_dir}").returncode == 0
+    proc = genrun(f"trainer.resume={run_dir}", "model.width=8", "trainer.max_steps=6")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("genrun: error: trainer.resume:") and "does not fit" in proc.stderr
+    assert "Traceback" not in proc.stderr and (run_dir / "ckpt.pt").exists()
+
+
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(genrun, tmp_path):
     run_dir = tmp_path / "run"
     proc = genrun("optim=sgd", "optim.lr=3.0", "optim.momentum=0.99", "trainer.ckpt_every=1", "trainer.progress=off",
