@@ -15,7 +15,8 @@ from genrun.optim import REGISTRY
 from genrun.tasks.synthetic import Beale, Point, Rosenbrock, beale, rosenbrock
 
 F64 = torch.float64
-OPTIMIZERS = ["sgd", "adam", "adagrad", "rmsprop", "adabelief", "adahessian", "gen_sgd", "gen_adam", "gen_adagrad"]
+OPTIMIZERS = ["sgd", "sgd_plain", "adam", "adagrad", "rmsprop", "adabelief", "adahessian",
+              "gen_sgd", "gen_sgd_plain", "gen_adam", "gen_adagrad"]
 
 
 def test_function_values_at_known_points():
@@ -90,7 +91,9 @@ def test_grid_preset_is_the_papers_protocol():
     assert cfg.task.name == "rosenbrock" and cfg.trainer.progress == "off"
     params = cfg.hydra.sweeper.params
     assert params["task"].split(",") == ["rosenbrock", "beale"]
-    assert sorted(params["optim"].split(",")) == sorted(OPTIMIZERS)
+    # the paper's Section 5 SGD is plain gradient descent (B.1 names no momentum)
+    grid = ["sgd_plain", "adam", "adagrad", "rmsprop", "adabelief", "adahessian", "gen_sgd_plain", "gen_adam", "gen_adagrad"]
+    assert sorted(params["optim"].split(",")) == sorted(grid)
     lrs = sorted(float(v) for v in params["optim.lr"].split(","))
     assert lrs == sorted(m * 10.0**-k for k in range(6) for m in (1, 2, 5))
 
@@ -107,7 +110,7 @@ def _short_run(compose_cfg, tmp_path, task: str, optim: str, *extra: str, iterat
 @pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_one_short_run_per_optimizer(compose_cfg, tmp_path, optim):
     # a stable lr for every optimizer on Rosenbrock (SGD's default 0.05 diverges there)
-    lr = {"sgd": "optim.lr=0.0002", "gen_sgd": "optim.lr=0.0002"}.get(optim, "optim.lr=0.01")
+    lr = "optim.lr=0.0002" if "sgd" in optim else "optim.lr=0.01"
     summary, records = _short_run(compose_cfg, tmp_path, "rosenbrock", optim, lr)
     assert summary["status"] == "finished" and summary["step"] == 40
     train_recs = [r for r in records if r["kind"] == "train"]
@@ -122,10 +125,10 @@ def test_one_short_run_per_optimizer(compose_cfg, tmp_path, optim):
 
 
 @pytest.mark.parametrize("task", ["rosenbrock", "beale"])
-@pytest.mark.parametrize("optim", ["gen_sgd", "gen_adam", "gen_adagrad"])
+@pytest.mark.parametrize("optim", ["gen_sgd_plain", "gen_adam", "gen_adagrad"])  # the synthetic grid's GeN rows
 def test_gen_from_its_default_lr_with_the_guard_ends_far_below_the_start(compose_cfg, tmp_path, task, optim):
-    summary, records = _short_run(compose_cfg, tmp_path, task, optim, "optim.gen.guard=true", iterations=400)
+    summary, records = _short_run(compose_cfg, tmp_path, task, optim, "optim.gen.guard=true", iterations=1000)
     start = {"rosenbrock": 12.5, "beale": 41.25}[task]
     assert summary["status"] == "finished"
     assert math.isfinite(summary["final"]["test"]["objective"])
-    assert summary["final"]["test"]["objective"] < 0.5 * start
+    assert summary["final"]["test"]["objective"] < 0.01 * start
