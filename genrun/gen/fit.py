@@ -96,12 +96,13 @@ def fit_parabola(
 
 def r_squared(points: Sequence[float], dl: Sequence[float], a: float, beta: float) -> float | None:
     """``1 - SS_res/SS_tot`` of the parabola ``(a/2)s² - βs`` against ``ΔL``; None if flat."""
+    # x * x, not x ** 2: a float's ** raises OverflowError where * gives inf (then rejected as non-finite)
     mean = sum(dl) / len(dl)
-    ss_tot = sum((y - mean) ** 2 for y in dl)
+    ss_tot = sum((y - mean) * (y - mean) for y in dl)
     if not ss_tot > 0.0:
         return None
-    ss_res = sum((y - (0.5 * a * x * x - beta * x)) ** 2 for x, y in zip(points, dl))
-    return 1.0 - ss_res / ss_tot
+    residuals = [y - (0.5 * a * x * x - beta * x) for x, y in zip(points, dl)]
+    return 1.0 - sum(e * e for e in residuals) / ss_tot
 
 
 def why_rejected(fit: ParabolaFit, finite: bool, min_r2: float | None) -> str | None:
