@@ -122,6 +122,12 @@ class TorchvisionTask(ClassificationTask):
     def missing(self) -> list[Path]:
         return [self.root / rel for rel in self.required if not (self.root / rel).exists()]
 
+    def both_splits(self, cls: Any, transform: Any, key: str, train: Any, test: Any,
+                    **kwargs: Any) -> tuple[Dataset, Dataset]:
+        """`cls(root, key=train)` and `cls(root, key=test)`: the one call shape of torchvision's readers."""
+        return tuple(cls(str(self.root), **{key: split}, **kwargs, transform=transform, download=self.download)
+                     for split in (train, test))
+
     def load(self, transform: Any) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
 
@@ -157,8 +163,7 @@ class Cifar10(TorchvisionTask):
         from genrun.tasks import vision_data
 
         cls = getattr(vision_data, self.reader)
-        return (cls(str(self.root), train=True, transform=transform, download=self.download),
-                cls(str(self.root), train=False, transform=transform, download=self.download))
+        return self.both_splits(cls, transform, "train", True, False)
 
 
 class Cifar100(Cifar10):
@@ -186,8 +191,7 @@ class Food101(TorchvisionTask):
     def load(self, transform):
         from torchvision.datasets import Food101 as TV
 
-        return (TV(str(self.root), split="train", transform=transform, download=self.download),
-                TV(str(self.root), split="test", transform=transform, download=self.download))
+        return self.both_splits(TV, transform, "split", "train", "test")
 
 
 class Gtsrb(TorchvisionTask):
@@ -204,8 +208,7 @@ class Gtsrb(TorchvisionTask):
     def load(self, transform):
         from torchvision.datasets import GTSRB as TV
 
-        return (TV(str(self.root), split="train", transform=transform, download=self.download),
-                TV(str(self.root), split="test", transform=transform, download=self.download))
+        return self.both_splits(TV, transform, "split", "train", "test")
 
 
 class Svhn(TorchvisionTask):
@@ -221,8 +224,7 @@ class Svhn(TorchvisionTask):
     def load(self, transform):
         from genrun.tasks.vision_data import SVHN as cls
 
-        return (cls(str(self.root), split="train", transform=transform, download=self.download),
-                cls(str(self.root), split="test", transform=transform, download=self.download))
+        return self.both_splits(cls, transform, "split", "train", "test")
 
 
 class Places365(TorchvisionTask):
@@ -250,8 +252,7 @@ class Places365(TorchvisionTask):
     def load(self, transform):
         from genrun.tasks.vision_data import Places365 as cls
 
-        return (cls(str(self.root), split="train-standard", small=self.small, transform=transform, download=self.download),
-                cls(str(self.root), split="val", small=self.small, transform=transform, download=self.download))
+        return self.both_splits(cls, transform, "split", "train-standard", "val", small=self.small)
 
 
 class INat2021(TorchvisionTask):
