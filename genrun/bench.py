@@ -69,6 +69,8 @@ def _sync(device: torch.device) -> None:
 def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
                gen_kwargs: dict | None = None, floor_every: int | None = None) -> dict[str, float]:
     """Mean seconds per optimizer step and peak memory for one way of stepping."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous row's model and optimizer are gone by now
     torch.manual_seed(0)
     model = setting.model().to(device).train()
     opt = setting.optimizer(model.parameters())
@@ -104,9 +106,6 @@ def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
         _sync(device)
         times.append(time.perf_counter() - start)
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    del model, opt, gen
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"step_s": statistics.fmean(times), "peak_mb": memory}
 
 
@@ -137,14 +136,18 @@ def _describe(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def _mb(value: float) -> str:
+    return "n/a" if value != value else f"{value:.0f}"  # NaN: the CPU has no allocator peak to read
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Device: {results['device']}; {results['steps']} timed steps per row; synthetic inputs.", ""]
     for s in results["settings"]:
         lines += [f"**{s['name']}**: base step {s['base']['step_s'] * 1e3:.1f} ms, "
-                  f"peak {s['base']['peak_mb']:.0f} MB, params {s['params_mb']:.0f} MB", "",
+                  f"peak {_mb(s['base']['peak_mb'])} MB, params {s['params_mb']:.0f} MB", "",
                   "| scheme | Φ | relative speed | peak memory (MB) |", "|---|---|---|---|"]
         for row in s["rows"]:
-            lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {row['peak_mb']:.0f} |")
+            lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {_mb(row['peak_mb'])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -7,7 +7,6 @@ jobs go on and the diverged one is recorded as such in its summary.json.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from genrun.errors import UserError
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
 
-log = logging.getLogger("genrun")
 
 
 def _discard_if_unused(run_dir: Path) -> None:
