@@ -144,3 +144,18 @@ def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, overrid
 def test_unknown_gen_setting_is_named(compose_cfg):
     with pytest.raises(UserError, match=r"optim.gen.evry is not a GeN setting"):
         validate(compose_cfg(["+optim.gen.evry=3"]))
+
+
+@pytest.mark.parametrize("preset", options("optim/gen"))
+def test_every_gen_preset_composes_and_builds_gen(compose_cfg, preset):
+    from omegaconf import OmegaConf
+
+    from genrun.gen import GeN
+
+    cfg = compose_cfg(["optim=gen_adamw", f"optim/gen={preset}"])
+    validate(cfg)
+    kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
+    kwargs.pop("probe_batch")
+    opt, _ = build_optimizer(cfg.optim, instantiate(cfg.model))
+    gen = GeN(opt, **kwargs)
+    assert gen.every == cfg.optim.gen.every and tuple(gen.points) == tuple(cfg.optim.gen.points)
