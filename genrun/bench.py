@@ -109,9 +109,11 @@ def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
     return {"step_s": statistics.fmean(times), "peak_mb": memory}
 
 
-def run(device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
+def run(device: torch.device, steps: int, warmup: int, only: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": _describe(device), "steps": steps, "settings": []}
     for setting in settings(device):
+        if only and only.lower() not in setting.name.lower():
+            continue
         base = time_steps(setting, device, steps, warmup)
         rows = []
         for phi in PHIS:
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 200 CPU, 40 CUDA)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--only", default=None, help="run only the settings whose name contains this (e.g. resnet)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -166,7 +169,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (40 if device.type == "cuda" else 200)
-    results = run(device, steps, args.warmup)
+    results = run(device, steps, args.warmup, args.only)
     print(markdown(results))
     if args.out:
         with open(args.out, "w") as f:
