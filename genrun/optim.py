@@ -22,13 +22,11 @@ class OptimSpec:
 
     `factory`: "module:Class", imported only when used, so baselines from optional
     packages cost nothing until chosen.
-    `needs_closure`: step() takes a closure (e.g. L-BFGS).
     `create_graph`: backward must keep the graph (Hessian-diagonal methods such as AdaHessian).
     `has_modes`: the optimizer has train()/eval() modes the engine must switch (Schedule-Free).
     """
 
     factory: str
-    needs_closure: bool = False
     create_graph: bool = False
     has_modes: bool = False
 
