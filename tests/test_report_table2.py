@@ -141,3 +141,24 @@ def test_report_renders_table2_with_paper_numbers_best_and_diverged(tmp_path):
 
 def test_report_ignores_sweeps_without_table2_rows(tmp_path):
     assert not table2.applies([])
+
+
+def test_report_averages_seeds_and_shows_the_diverged_ones(tmp_path):
+    runs = [
+        ("digits", "gen_sgd", "default", 0.05, "finished", 98.0, "sgd"),
+        ("digits", "gen_sgd", "default", 0.05, "finished", 97.0, "sgd"),
+        ("digits", "gen_sgd", "default", 0.05, "diverged", None, "sgd"),
+        ("digits", "sgd_constant", "default", 0.05, "finished", 96.0, "sgd"),
+        ("digits", "sgd_constant", "default", 0.05, "finished", 99.0, "sgd"),
+        ("digits", "sgd_constant", "default", 0.05, "finished", 99.0, "sgd"),
+    ]
+    for i, run in enumerate(runs):
+        _fake_run(tmp_path, i, *run)
+    assert report_main([str(tmp_path)]) == 0
+    text = (tmp_path / "table2.md").read_text()
+    assert "mean over 3 seeds" in text
+    gen = next(line for line in text.splitlines() if line.startswith("| GeN-SGD"))
+    assert "97.50 (1/3 diverged)" in gen                      # mean of the two that finished, loss made visible
+    assert "**98.00**" in next(line for line in text.splitlines() if line.startswith("| SGD(constant)"))
+    check = next(line for line in text.splitlines() if line.startswith("| digits | GeN-SGD"))
+    assert "| -0.50 | no |" in check                           # a diverged seed fails the target
