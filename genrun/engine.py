@@ -49,6 +49,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     started = time.perf_counter()
     tc = cfg.trainer
     device = pick_device(tc.device)
+    if tc.get("threads"):
+        torch.set_num_threads(tc.threads)
     resume = checkpoint.load(tc.resume) if tc.resume else None
     seed_everything(cfg.seed)
 

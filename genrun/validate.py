@@ -46,6 +46,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.log_every", _int_at_least(1), "an integer >= 1"),
     ("trainer.ckpt_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
     ("trainer.num_workers", _int_at_least(0), "an integer >= 0"),
+    ("trainer.threads", _optional(_int_at_least(1)), "null (torch's default) or an integer >= 1"),
     ("trainer.device", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("trainer.precision", _one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     ("trainer.progress", _one_of("auto", "on", "off", True, False), "auto, on or off"),

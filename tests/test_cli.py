@@ -80,7 +80,8 @@ def test_unknown_group_option_names_the_valid_ones(genrun, tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["optim.gen.every=0", "optim.gen.smoothing=1.5", "trainer.batch_size=-1", "optim.gen.horizon=bogus"],
+    ["optim.gen.every=0", "optim.gen.smoothing=1.5", "trainer.batch_size=-1", "optim.gen.horizon=bogus",
+     "trainer.threads=0"],
 )
 def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, override):
     proc = genrun(override)
@@ -171,3 +172,17 @@ def test_csv_and_none_loggers(genrun, tmp_path, logger, csv):
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "metrics.csv").exists() == csv
     assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_path, monkeypatch, threads):
+    import torch
+
+    from genrun.engine import train
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the real call would leak into later tests
+    cfg = compose_cfg(["logger=none", "trainer.max_steps=2", "trainer.progress=off", "trainer.device=cpu",
+                       f"trainer.threads={'null' if threads is None else threads}"])
+    assert train(cfg, tmp_path)["status"] == "finished"
+    assert calls == ([] if threads is None else [threads])
