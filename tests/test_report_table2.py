@@ -65,6 +65,7 @@ def test_table2_cells_compose_as_the_paper_says(compose_many, tmp_path):
         assert ("gen" in cfg.optim) == row.startswith("gen_")
         if row.startswith("gen_"):
             assert cfg.optim.gen.every == (20 if task in ("places365", "inat2021") else 4)
+            assert cfg.optim.gen.horizon == ("linear" if task in ("places365", "inat2021") else "none")  # C.7
         if row == "dadapt_sgd":
             assert cfg.optim.weight_decay == 0.0
         assert cfg.sched._target_.rsplit(".", 1)[-1] == ({"linear": "linear", "cosine": "cosine"}.get(row.split("_")[-1], "constant"))
