@@ -151,6 +151,17 @@ def test_guard_caps_at_minimiser_only_when_the_probes_show_overshoot():
     assert guarded_ratio(0.8, fit, [], [], 0.0) == (0.8, False)
 
 
+def test_shrunk_ratio_only_lowers_and_only_for_an_r2_rejection():
+    from genrun.gen.fit import shrunk_ratio
+
+    inside = ParabolaFit(4.0, 1.0, 0.5, False)                      # s* = 0.25
+    assert shrunk_ratio(inside, "r2", None) == (0.25, True)
+    assert shrunk_ratio(inside, "r2", 2.0) == (0.5, True)           # never below 1/max_change
+    assert shrunk_ratio(inside, "slope<=0", None) == (1.0, False)   # other rejections keep the rate
+    assert shrunk_ratio(ParabolaFit(0.5, 1.0, 0.5, False), "r2", None) == (1.0, False)   # s* = 2: never raises
+    assert shrunk_ratio(ParabolaFit(-1.0, 1.0, 0.5, False), "r2", None) == (1.0, False)  # concave: no minimiser
+
+
 def test_r_squared_of_huge_finite_losses_does_not_raise():
     from genrun.gen.fit import r_squared
 

@@ -88,6 +88,21 @@ def test_guard_caps_a_lagging_rate_at_the_fitted_minimiser(guard):
         assert rec["ratio"] == pytest.approx(0.9 + 0.1 / 3) and abs(w.item()) > 1.0  # overshot
 
 
+@pytest.mark.parametrize("guard,max_change", [(False, 2.0), (True, 2.0), (True, None)])
+def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max_change):
+    # Σw⁴ from w = 3 at lr 0.05: the step overshoots to -2.4 (still below L0, so no backtrack),
+    # the probe behind at s = -1 is ~60x L0: no parabola fits, but the fitted one has s* ≈ 0.12
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=guard, max_change=max_change)
+    rec = one_step(gen, w, lambda: (w**4).sum())
+    s_star = rec["beta_s"] / rec["a_s"]
+    assert rec["reason"] == "r2" and not rec["guarded"] and 0.1 < s_star < 0.15
+    assert rec["shrunk"] is guard
+    expected = 1.0 if not guard else (0.5 if max_change else s_star)
+    assert rec["ratio"] == pytest.approx(expected, rel=1e-12) and gen.lr == pytest.approx(0.05 * expected)
+    assert w.detach() == pytest.approx(torch.full((4,), 3.0 - expected * 5.4, dtype=F64))  # this step shrank too
+
+
 def test_closure_error_restores_weights_and_propagates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
@@ -161,7 +176,7 @@ def test_will_probe_and_history_records_are_plain_json():
     assert seen == [True, False, False, True, False, False, True]
     assert [r["step"] for r in gen.history] == [0, 3, 6]
     keys = {"step", "lr_before", "lr_after", "eta_star", "A", "b", "a_s", "beta_s", "r2", "accepted",
-            "reason", "points", "losses", "horizon", "guarded"}
+            "reason", "points", "losses", "horizon", "guarded", "shrunk"}
     assert keys <= set(gen.history[0])
     json.loads(json.dumps(gen.history))  # only plain Python values
     assert all(isinstance(v, (int, float, bool, str, list, type(None))) for v in gen.history[0].values())

@@ -219,3 +219,28 @@ def backtrack_ratio(
     lo, hi = BACKTRACK_RANGE[0] * s, BACKTRACK_RANGE[1] * s
     new = beta * s * s / (2.0 * (loss - l0 + beta * s)) if math.isfinite(loss) else lo
     return min(max(new, lo), hi), True
+
+
+def shrunk_ratio(fit: ParabolaFit, reason: str | None, max_change: float | None) -> tuple[float, bool]:
+    """The guard for a fit that only the R² gate rejected: shrink to the fitted minimiser.
+
+    The loss along d has stopped looking like a parabola over the probed steps
+    ``s ∈ [min(points), max(points)]``: the step is longer than the region where the
+    local quadratic model (3.1) holds, the situation in which a trust-region method
+    shrinks its radius.  Algorithm 1 keeps the rate (r = 1) and so keeps taking the step
+    that left the model's region — measured on mnist5k (README): heavy-ball GeN-SGD's
+    lr climbed to ~0.5 on the flat start, the R² gate then rejected for tens of steps
+    while the loss blew up, and the network died.  If the rejected parabola is still
+    convex with descent (a > 0, β > 0) and its minimiser lies inside the step
+    (``s* = β/a < 1``), the probes support a shorter step, and we take it directly, not
+    smoothed (smoothing averages noisy estimates of a good model; here the model
+    itself failed): ``r = max(s*, 1/max_change)``.  The rate only ever goes down
+    here, so a noisy rejection cannot raise it.  Returns ``(r, shrunk)``.
+    """
+    if reason != "r2" or not (fit.a > 0.0 and fit.beta > 0.0):
+        return 1.0, False
+    s_star = fit.s_star
+    if not s_star < 1.0:
+        return 1.0, False
+    floor = 1.0 / max_change if max_change is not None else 0.0
+    return max(s_star, floor), True

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from .distributed import distributed_active, reduce_stats
 from .exact import curvature_along
 from .fit import (
-    ParabolaFit, backtrack_ratio, fit_parabola, guarded_ratio, horizon_factor, smoothed_ratio, why_rejected,
+    ParabolaFit, backtrack_ratio, fit_parabola, guarded_ratio, horizon_factor, shrunk_ratio, smoothed_ratio,
+    why_rejected,
 )
 from .probe import ProbeScope, as_loss, probe_losses, rng_state
 from .search import best_on_grid, lr_grid
@@ -54,15 +55,17 @@ class GeN:
        with a probe at ``0 < s ≤ 1`` above L0, a safeguarded backtracking line search
        (:func:`~genrun.gen.fit.backtrack_ratio`, quadratic interpolation from L0, the
        exact slope β and the failed trial) cuts r and re-probes until the step no longer
-       raises the loss — at most ``GUARD_TRIES`` extra forwards, spent only then.  The
-       lr keeps the cut.  Without it, Algorithm 1 with γ = 0.9 diverges on Beale from
+       raises the loss — at most ``GUARD_TRIES`` extra forwards, spent only then; for a
+       fit the R² gate alone rejected, whose parabola still has its minimiser inside the
+       step (0 < β/a < 1), r = β/a, bounded below by ``1/max_change``
+       (:func:`~genrun.gen.fit.shrunk_ratio`).  The lr keeps the cut.  Without it, Algorithm 1 with γ = 0.9 diverges on Beale from
        (1, 1.5) and GeN-SGD from lr 0.05 on Rosenbrock/Beale
        (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
     lr_after, ratio, eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason
     (None or one of "nonfinite", "degenerate", "curvature<=0", "slope<=0", "r2",
-    "skipped_step", "init_search"), points, losses, horizon, guarded, delta_norm; after a
+    "skipped_step", "init_search"), points, losses, horizon, guarded, shrunk, delta_norm; after a
     guard backtrack also guard_points and guard_losses (the re-probed multipliers and losses).
     GeN owns the lr: an LR scheduler stepping the same optimizer would fight it
     (use ``horizon`` for a T-dependent decay).
@@ -245,7 +248,7 @@ class GeN:
             "step": t, "mode": "init_search" if searching else self.mode, "lr_before": lr0,
             "lr_after": lr0, "ratio": 1.0, "eta_star": None, "A": None, "b": None, "a_s": None,
             "beta_s": None, "r2": None, "accepted": False, "reason": None, "points": [], "losses": [],
-            "horizon": horizon_factor(self.horizon, t, self.total_steps), "guarded": False,
+            "horizon": horizon_factor(self.horizon, t, self.total_steps), "guarded": False, "shrunk": False,
             "delta_norm": None,
         }
         params = snap.params
@@ -339,6 +342,8 @@ class GeN:
             if not self.guard or reason == "skipped_step":
                 return 1.0
             r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
+            if not rec["guarded"]:
+                r, rec["shrunk"] = shrunk_ratio(fit, reason, self.max_change)
             return r
         r = smoothed_ratio(fit.s_star, self.smoothing, rec["horizon"], self.max_change)
         if self.guard:
