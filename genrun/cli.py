@@ -97,7 +97,14 @@ def _route_resume(argv: list[str]) -> list[str]:
 
 def main() -> None:
     sys.argv = [sys.argv[0], *_route_resume(sys.argv[1:])]
-    _run()
+    try:
+        _run()
+    except ValueError as err:
+        # Hydra raises (rather than reports) when two of its modes are given, e.g. `-m --info`
+        if not str(err).startswith("Only one of --run, --multirun"):
+            raise
+        print(f"genrun: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

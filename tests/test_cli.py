@@ -186,3 +186,10 @@ def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_pat
                        f"trainer.threads={'null' if threads is None else threads}"])
     assert train(cfg, tmp_path)["status"] == "finished"
     assert calls == ([] if threads is None else [threads])
+
+
+def test_two_hydra_modes_at_once_is_a_one_line_error(genrun):
+    proc = genrun("-m", "--info")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "genrun: error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"]
