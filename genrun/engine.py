@@ -111,7 +111,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             sink.log(record)
 
     def lrs() -> list[float]:
-        return [group["lr"] for group in optimizer.param_groups]
+        return [spec.lr_of(group) for group in optimizer.param_groups]
 
     def evaluate() -> dict[str, dict[str, float]]:
         model.eval()

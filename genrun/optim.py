@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,15 +24,34 @@ class OptimSpec:
     packages cost nothing until chosen.
     `create_graph`: backward must keep the graph (Hessian-diagonal methods such as AdaHessian).
     `has_modes`: the optimizer has train()/eval() modes the engine must switch (Schedule-Free).
+    `step_size`: a param group's effective learning rate, what the logs call `lr`; the group's
+    `lr` unless the optimizer adapts a step of its own (D-Adaptation, Prodigy, DoG), where `lr`
+    is only a multiplier (1.0 by default) and the curves the paper compares are of the step.
     """
 
     factory: str
     create_graph: bool = False
     has_modes: bool = False
+    step_size: Callable[[dict[str, Any]], float] | None = None
+
+    def lr_of(self, group: dict[str, Any]) -> float:
+        return float(self.step_size(group) if self.step_size is not None else group["lr"])
 
     def build(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         module, name = self.factory.split(":")
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def d_times_lr(group: dict[str, Any]) -> float:
+    """D-Adaptation and Prodigy: the step is lr·d, d their running estimate of ‖w0 - w*‖."""
+    return float(group["lr"]) * float(group.get("d", 1.0))
+
+
+def dog_eta(group: dict[str, Any]) -> float:
+    """DoG: η = lr·r̄/√G, one value per group (the package keeps a copy per parameter);
+    before the first step, the multiplier."""
+    eta = group.get("eta")
+    return float(eta[0]) if eta else float(group["lr"])
 
 
 # Baselines come from their maintained packages; genrun wraps, never re-implements them.
@@ -44,12 +63,12 @@ REGISTRY: dict[str, OptimSpec] = {
     "rmsprop": OptimSpec("torch.optim:RMSprop"),
     "adabelief": OptimSpec("pytorch_optimizer:AdaBelief"),
     "adahessian": OptimSpec("pytorch_optimizer:AdaHessian", create_graph=True),
-    "prodigy": OptimSpec("prodigyopt:Prodigy"),
-    "dadapt_sgd": OptimSpec("dadaptation:DAdaptSGD"),
-    "dadapt_adam": OptimSpec("dadaptation:DAdaptAdam"),
+    "prodigy": OptimSpec("prodigyopt:Prodigy", step_size=d_times_lr),
+    "dadapt_sgd": OptimSpec("dadaptation:DAdaptSGD", step_size=d_times_lr),
+    "dadapt_adam": OptimSpec("dadaptation:DAdaptAdam", step_size=d_times_lr),
     "sf_sgd": OptimSpec("schedulefree:SGDScheduleFree", has_modes=True),
     "sf_adamw": OptimSpec("schedulefree:AdamWScheduleFree", has_modes=True),
-    "dog": OptimSpec("dog:DoG"),
+    "dog": OptimSpec("dog:DoG", step_size=dog_eta),
 }
 
 # Keys of an optim config that are not constructor arguments of the optimizer.

@@ -65,3 +65,26 @@ def test_a_diverging_baseline_is_recorded_as_diverged(compose_cfg, tmp_path):
     cfg = compose_cfg(["optim=sf_sgd", "optim.lr=1e12", *FAST])
     summary = train(cfg, tmp_path)
     assert summary["status"] == "diverged" and "loss is" in summary["message"]
+
+
+@pytest.mark.parametrize("option", ["prodigy", "dadapt_sgd", "dadapt_adamw", "dog"])
+def test_adaptive_baselines_log_the_step_they_adapt_not_their_multiplier(compose_cfg, option, tmp_path):
+    import json
+
+    cfg = compose_cfg([f"optim={option}", *FAST])
+    train(cfg, tmp_path)
+    lrs = [r["lr"][0] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert len(lrs) == 6 and all(math.isfinite(v) and v > 0 for v in lrs)
+    assert cfg.optim.lr == 1.0 and lrs[-1] != 1.0 and len(set(lrs)) > 1  # the step moves; the multiplier does not
+
+
+def test_step_size_of_a_param_group():
+    import torch
+
+    from genrun.optim import REGISTRY
+
+    assert REGISTRY["prodigy"].lr_of({"lr": 0.5, "d": 1e-3}) == pytest.approx(5e-4)
+    assert REGISTRY["dog"].lr_of({"lr": 1.0, "eta": [torch.tensor(0.02)] * 3}) == pytest.approx(0.02)
+    assert REGISTRY["dog"].lr_of({"lr": 1.0}) == 1.0                # before DoG's first step
+    assert REGISTRY["sgd"].lr_of({"lr": torch.tensor(0.1)}) == pytest.approx(0.1)

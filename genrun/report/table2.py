@@ -15,8 +15,7 @@ Cells:
 - several seeds of one (data set, row, variant) are averaged.
 
 Figures (one PNG per data set): lr against step and test accuracy against step, for each half,
-from metrics.jsonl. Prodigy, D-Adaptation and DoG log their lr multiplier (1.0), not the step
-size they adapt.
+from metrics.jsonl (for Prodigy, D-Adaptation and DoG the lr there is their adapted step).
 """
 
 from __future__ import annotations
