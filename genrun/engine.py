@@ -103,7 +103,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         checkpoint.set_rng_state(resume["rng"])
         _drop_records_after(run_dir, step)
 
-    sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name)]
+    sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name,
+                                             resume=resume is not None)]
     gen_logged = len(gen.history) if gen is not None else 0
 
     def emit(record: dict[str, Any]) -> None:

@@ -199,21 +199,32 @@ class WandbSink:
     (Hydra's basic launcher) get a W&B run each, and a run left open by a crashed job is
     neither handed back to nor finished by the next; calls go through the run object, as
     ``create_new`` sets no ``wandb.log`` globals. ``finish`` only informs wandb-core, which
-    flushes the offline ``.wandb`` file a moment later (at the latest at interpreter exit)."""
+    flushes the offline ``.wandb`` file a moment later (at the latest at interpreter exit).
+
+    The run id is kept in ``run_dir/wandb/run-id``; ``resume=True`` (the engine passes it for
+    ``trainer.resume``) continues that W&B run (``resume="allow"``) instead of starting another.
+    Steps logged after the last checkpoint and before the stop are logged again by the resumed
+    run, so W&B holds them twice (``metrics.jsonl`` drops the old ones)."""
 
     def __init__(self, run_dir: str | os.PathLike, *, project: str = "genrun",
                  entity: str | None = None, mode: str = "offline", group: str | None = None,
                  name: str | None = None, tags: Iterable[str] = (),
-                 config: Mapping[str, Any] | None = None, job_type: str | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, job_type: str | None = None,
+                 resume: bool = False) -> None:
         import wandb  # lazily: slow to import, and only this sink needs it
         from omegaconf import DictConfig, OmegaConf
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # older wandb: missing dir -> tempdir
         if isinstance(config, DictConfig):
             config = OmegaConf.to_container(config, resolve=True)
+        id_file = self.run_dir / "wandb" / "run-id"
+        previous = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name,
                               tags=list(tags), config=dict(config or {}), job_type=job_type,
-                              dir=str(self.run_dir), reinit="create_new")
+                              dir=str(self.run_dir), reinit="create_new",
+                              id=previous, resume="allow" if previous else None)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run.id + "\n")
         # Plot all series against the optimizer step, not W&B's per-log-call counter.
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -230,7 +241,7 @@ class WandbSink:
 
 
 def build_sink(cfg: Any, run_dir: str | os.PathLike, *, config: Any = None,
-               group: str | None = None, name: str | None = None) -> Sink:
+               group: str | None = None, name: str | None = None, resume: bool = False) -> Sink:
     """Instantiate the ``logger`` node (or a root config holding one; None -> NullSink).
 
     Runtime values go only to targets whose signature names them; a value set in the YAML
@@ -243,7 +254,7 @@ def build_sink(cfg: Any, run_dir: str | os.PathLike, *, config: Any = None,
         return NullSink()
     factory = instantiate(node, _partial_=True, _convert_="all")
     accepted = inspect.signature(factory).parameters
-    runtime = {"run_dir": run_dir, "config": config, "group": group, "name": name}
+    runtime = {"run_dir": run_dir, "config": config, "group": group, "name": name, "resume": resume}
     kwargs = {k: v for k, v in runtime.items()
               if k in accepted and v is not None and factory.keywords.get(k) is None}
     return factory(**kwargs)

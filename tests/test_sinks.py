@@ -270,6 +270,24 @@ def test_two_sequential_wandb_sinks_are_distinct_runs(tmp_path):
     assert ids[0] != ids[1]
 
 
+def test_resumed_run_continues_its_wandb_run_and_a_fresh_one_does_not(tmp_path):
+    pytest.importorskip("wandb")
+    ids = []
+    for resume in (False, True, False):
+        sink = WandbSink(tmp_path, resume=resume)
+        ids.append(sink.run.id)
+        sink.close()
+        assert (tmp_path / "wandb" / "run-id").read_text().strip() == ids[-1]
+    assert ids[1] == ids[0] and ids[2] != ids[0]
+    # the engine's flag reaches the sink through build_sink
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"_target_": "genrun.sinks.WandbSink"})
+    sink = build_sink(node, tmp_path, resume=True)
+    assert sink.run.id == ids[2]
+    sink.close()
+
+
 def test_unclosed_wandb_sink_does_not_capture_the_next_run(tmp_path):
     # A job that died without close() must neither be returned to the next job
     # (wandb's default "return_previous") nor be finished by it ("finish_previous").
