@@ -163,3 +163,16 @@ def test_report_averages_seeds_and_shows_the_diverged_ones(tmp_path):
     assert "**98.00**" in next(line for line in text.splitlines() if line.startswith("| SGD(constant)"))
     check = next(line for line in text.splitlines() if line.startswith("| digits | GeN-SGD"))
     assert "| -0.50 | no |" in check                           # a diverged seed fails the target
+
+
+def test_offline_preset_runs_as_a_sweep_and_reports(genrun, tmp_path):
+    # the preset's own launcher (joblib), threads and seed axis, cut to 2 rows x 2 seeds x 3 steps
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "+experiment=table2_offline", "task=digits", "experiment/table2_row=gen_sgd,sgd_constant",
+                  "seed=0,1", "trainer.max_steps=3", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    jobs = [OmegaConf.load(p) for p in sweep.glob("*/.hydra/config.yaml")]
+    assert len(jobs) == 4 and {j.trainer.threads for j in jobs} == {1} and {j.seed for j in jobs} == {0, 1}
+    assert report_main([str(sweep)]) == 0
+    text = (sweep / "table2.md").read_text()
+    assert "mean over 2 seeds" in text and "| digits | GeN-SGD |" in text
