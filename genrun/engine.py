@@ -105,7 +105,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
     sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name,
                                              resume=resume is not None)]
-    gen_logged = len(gen.history) if gen is not None else 0
+    gen_logged = gen.probes if gen is not None else 0
 
     def emit(record: dict[str, Any]) -> None:
         for sink in sinks:
@@ -183,9 +183,10 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     emit({"kind": "train", "step": step, "epoch": epoch, "split": "train", "loss": loss_value,
                           "lr": lrs(), **task.step_metrics(model)})
                 if gen is not None:
-                    for record in gen.history[gen_logged:]:
+                    # at most one new record per step, and history keeps the latest ones
+                    for record in gen.history[len(gen.history) - (gen.probes - gen_logged):]:
                         emit({"kind": "gen", **record})
-                    gen_logged = len(gen.history)
+                    gen_logged = gen.probes
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs()[0]:.3g}")
                 if tc.eval_every and step % tc.eval_every == 0:
@@ -241,8 +242,7 @@ def _mean_loss(task, model, micro, amp) -> torch.Tensor:
 def _gen_summary(gen: GeN | None) -> dict[str, Any] | None:
     if gen is None:
         return None
-    accepted = sum(1 for record in gen.history if record.get("accepted"))
-    return {"probes": len(gen.history), "accepted": accepted}
+    return {"probes": gen.probes, "accepted": gen.accepted}
 
 
 def _drop_records_after(run_dir: Path, step: int) -> None:

@@ -66,6 +66,7 @@ GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("snapshot", _one_of("device", "cpu"), "device or cpu"),
     ("guard", _one_of(True, False), "true or false"),
     ("probe_batch", _one_of("same", "next"), "same or next"),
+    ("history_size", _optional(_int_at_least(1)), "null or an integer >= 1"),
 ]
 
 

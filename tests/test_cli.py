@@ -193,3 +193,14 @@ def test_two_hydra_modes_at_once_is_a_one_line_error(genrun):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "genrun: error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"]
+
+
+def test_engine_streams_every_gen_record_even_with_a_short_history(compose_cfg, tmp_path):
+    from genrun.engine import train
+
+    cfg = compose_cfg(["logger=none", "trainer.max_steps=12", "trainer.progress=off", "trainer.device=cpu",
+                       "optim.gen.every=1", "optim.gen.history_size=2"])
+    summary = train(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(12))
+    assert summary["gen"]["probes"] == 12 and summary["gen"]["accepted"] == sum(r["accepted"] for r in records)

@@ -216,3 +216,20 @@ def test_argument_validation(kwargs, message):
 def test_optimizer_type_is_checked():
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         GeN([torch.zeros(1)])
+
+
+def test_history_size_keeps_the_latest_records_and_counts_all():
+    w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, history_size=3)
+    for _ in range(5):
+        one_step(gen, w, lambda: (w**2).sum())
+    assert [r["step"] for r in gen.history] == [2, 3, 4] and gen.probes == 5
+    assert gen.accepted == 5
+    other = GeN(torch.optim.SGD([w], lr=0.1), every=1, history_size=3)
+    other.load_state_dict(gen.state_dict())
+    assert other.probes == 5 and other.history == gen.history
+    legacy = {k: v for k, v in gen.state_dict().items() if k in ("step", "search_done", "history")}
+    other.load_state_dict(legacy)  # a checkpoint from before the counters: they follow the records
+    assert other.probes == 3 and other.accepted == 3
+    with pytest.raises(ValueError, match="history_size"):
+        GeN(torch.optim.SGD([w], lr=0.1), history_size=0)

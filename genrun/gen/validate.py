@@ -57,12 +57,15 @@ def check_arguments(
     guard: Any,
     distributed: Any,
     sharded: Any,
+    history_size: Any = None,
 ) -> tuple[float, ...]:
     """Raise ValueError/TypeError for a bad argument; return the normalised points."""
     if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "step")):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not _is_int(every) or every < 1:
         raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    if history_size is not None and (not _is_int(history_size) or history_size < 1):
+        raise ValueError(f"history_size must be None or an integer >= 1, got {history_size!r}")
     if not _is_real(smoothing) or not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be a number in [0, 1), got {smoothing!r}")
     if min_r2 is not None and (not _is_real(min_r2) or not min_r2 <= 1.0):
