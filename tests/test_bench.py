@@ -7,7 +7,8 @@ import math
 import subprocess
 import sys
 
-SCHEMES = {"two no-grad forwards (floor)", "gen (probes -1,+1; slope from grad)", "gen fast (probe +1; slope from grad)"}
+SCHEMES = {"two no-grad forwards (floor)", "gen (probes -1,+1; slope from grad)",
+           "gen fast (probe +1; slope from grad)"}
 
 
 def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):

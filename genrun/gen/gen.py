@@ -58,9 +58,9 @@ class GeN:
        raises the loss — at most ``GUARD_TRIES`` extra forwards, spent only then; for a
        fit the R² gate alone rejected, whose parabola still has its minimiser inside the
        step (0 < β/a < 1), r = β/a, bounded below by ``1/max_change``
-       (:func:`~genrun.gen.fit.shrunk_ratio`).  The lr keeps the cut.  Without it, Algorithm 1 with γ = 0.9 diverges on Beale from
-       (1, 1.5) and GeN-SGD from lr 0.05 on Rosenbrock/Beale
-       (``tests/test_synthetic_guard.py``).
+       (:func:`~genrun.gen.fit.shrunk_ratio`).  The lr keeps the cut.  Without the
+       guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD from
+       lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
     lr_after, ratio, eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason

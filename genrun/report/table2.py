@@ -205,7 +205,8 @@ def render_checks(cells: dict[tuple[str, str], dict[str, Cell]], columns: list[s
                 continue
             tuned = max(grid, key=lambda c: c.acc)
             gap = f"{default.acc - tuned.acc:+.2f}" if default.acc is not None else "diverged"
-            ok = default.acc is not None and not default.diverged_seeds and default.acc >= tuned.acc - 0.5
+            ok = (default.acc is not None and not default.diverged_seeds
+                  and default.acc >= tuned.acc - 0.5)
             starts = sorted((c for c in gen.values()), key=lambda c: c.lr)
             spread, spread_ok, lr_span = "", "", ""
             if len(starts) > 1:
