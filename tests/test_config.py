@@ -157,5 +157,6 @@ def test_every_gen_preset_composes_and_builds_gen(compose_cfg, preset):
     kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
     kwargs.pop("probe_batch")
     opt, _ = build_optimizer(cfg.optim, instantiate(cfg.model))
-    gen = GeN(opt, **kwargs)
+    gen = GeN(opt, **kwargs, total_steps=100)  # the engine passes T: the default horizon needs it
     assert gen.every == cfg.optim.gen.every and tuple(gen.points) == tuple(cfg.optim.gen.points)
+    assert gen.horizon == "cosine"

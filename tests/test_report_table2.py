@@ -83,6 +83,8 @@ def test_every_offline_cell_composes_and_builds(compose_many, task):
         cfg = compose_many(["+experiment=table2_offline", f"task={task}", f"experiment/table2_row={row}"])
         validate(cfg)
         assert cfg.model._target_ == "genrun.models.SmallCNN" and cfg.trainer.batch_size == 64
+        if row.startswith("gen_"):
+            assert cfg.optim.gen.horizon == "cosine"  # genrun's default, unlike the paper-scale preset
         build_optimizer(cfg.optim, instantiate(cfg.model))
         lrs[row] = cfg.optim.lr
     if task == "digits":
