@@ -12,8 +12,10 @@ import pytest
 from genrun.gen.fit import (
     ParabolaFit,
     fit_parabola,
+    grown_ratio,
     guarded_ratio,
     horizon_factor,
+    kept_ratio,
     smoothed_ratio,
     why_rejected,
 )
@@ -160,6 +162,27 @@ def test_shrunk_ratio_only_lowers_and_only_for_an_r2_rejection():
     assert shrunk_ratio(inside, "slope<=0", None) == (1.0, False)   # other rejections keep the rate
     assert shrunk_ratio(ParabolaFit(0.5, 1.0, 0.5, False), "r2", None) == (1.0, False)   # s* = 2: never raises
     assert shrunk_ratio(ParabolaFit(-1.0, 1.0, 0.5, False), "r2", None) == (1.0, False)  # concave: no minimiser
+
+
+def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
+    pts = [-1.0, 0.0, 1.0]
+    noise = ParabolaFit(-1e-7, 1e-3, 1.0, False)  # (|a|/2)·1² = 5e-8
+    assert grown_ratio(noise, "curvature<=0", pts, 1e-7, 2.0) == (2.0, True)
+    assert grown_ratio(noise, "curvature<=0", pts, 1e-8, 2.0) == (1.0, False)   # resolvable: Algorithm 1 keeps
+    assert grown_ratio(noise, "curvature<=0", [-2.0, 0.0, 2.0], 1e-7, 2.0) == (1.0, False)  # 4x the reach
+    assert grown_ratio(noise, "curvature<=0", pts, 1e-7, None) == (1.0, False)  # no clamp: nothing to grow to
+    assert grown_ratio(noise, "r2", pts, 1e-7, 2.0) == (2.0, True)              # R² of rounding noise
+    assert grown_ratio(ParabolaFit(0.0, 1e-3, None, True), "degenerate", pts, 1e-7, 2.0) == (2.0, True)
+    assert grown_ratio(noise, "nonfinite", pts, 1e-7, 2.0) == (1.0, False)
+    ascent = ParabolaFit(-1e-7, -1e-3, 1.0, False)
+    assert grown_ratio(ascent, "curvature<=0", pts, 1e-7, 2.0) == (1.0, False)  # not a descent step
+
+
+def test_kept_ratio_bounds_the_lr_cut_by_the_clamp():
+    assert kept_ratio(0.1, 2.0) == 0.5
+    assert kept_ratio(0.7, 2.0) == 0.7
+    assert kept_ratio(2.0, 2.0) == 2.0
+    assert kept_ratio(0.1, None) == 0.1
 
 
 def test_r_squared_of_huge_finite_losses_does_not_raise():

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from .distributed import distributed_active, reduce_stats
 from .exact import curvature_along
 from .fit import (
-    ParabolaFit, backtrack_ratio, fit_parabola, guarded_ratio, horizon_factor, shrunk_ratio, smoothed_ratio,
-    why_rejected,
+    LOSS_ULPS, ParabolaFit, backtrack_ratio, fit_parabola, grown_ratio, guarded_ratio, horizon_factor, kept_ratio,
+    shrunk_ratio, smoothed_ratio, why_rejected,
 )
 from .probe import ProbeScope, as_loss, probe_losses, rng_state
 from .search import best_on_grid, lr_grid
@@ -58,14 +58,18 @@ class GeN:
        raises the loss — at most ``GUARD_TRIES`` extra forwards, spent only then; for a
        fit the R² gate alone rejected, whose parabola still has its minimiser inside the
        step (0 < β/a < 1), r = β/a, bounded below by ``1/max_change``
-       (:func:`~genrun.gen.fit.shrunk_ratio`).  The lr keeps the cut.  Without the
-       guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD from
-       lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
+       (:func:`~genrun.gen.fit.shrunk_ratio`).  Before these: a rejected fit whose
+       curvature is within the loss's rounding (a step far too short to feel it) gets
+       r = ``max_change`` (:func:`~genrun.gen.fit.grown_ratio`).  The lr follows r,
+       except that after an accepted fit's cap it falls by at most ``1/max_change``
+       (:func:`~genrun.gen.fit.kept_ratio`).  Without
+       the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
+       from lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
-    lr_after, ratio, eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason
+    lr_after, ratio (this step's multiplier r), eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason
     (None or one of "nonfinite", "degenerate", "curvature<=0", "slope<=0", "r2",
-    "skipped_step", "init_search"), points, losses, horizon, guarded, shrunk, delta_norm; after a
+    "skipped_step", "init_search"), points, losses, horizon, guarded, shrunk, grown, delta_norm; after a
     guard backtrack also guard_points and guard_losses (the re-probed multipliers and losses).
     ``history_size`` keeps only that many latest records (None: all; a long run makes
     250k records per million steps at Φ = 4, and ``state_dict`` carries them); ``probes``
@@ -268,7 +272,7 @@ class GeN:
             "lr_after": lr0, "ratio": 1.0, "eta_star": None, "A": None, "b": None, "a_s": None,
             "beta_s": None, "r2": None, "accepted": False, "reason": None, "points": [], "losses": [],
             "horizon": horizon_factor(self.horizon, t, self.total_steps), "guarded": False, "shrunk": False,
-            "delta_norm": None,
+            "grown": False, "delta_norm": None,
         }
         params = snap.params
         device = loss.device if isinstance(loss, Tensor) else (params[0].device if params else torch.device("cpu"))
@@ -290,8 +294,9 @@ class GeN:
                     r = self._fit(rec, closure, loss, snap, scope, head, device, lr0)
         finally:
             snap.place(r)  # w_t - r·δ; r = 1 (w_{t+1} bit-exactly) if anything failed
-        if r != 1.0:
-            self._scale_lrs(r)
+        lr_r = kept_ratio(r, self.max_change) if rec["accepted"] and not searching else r
+        if lr_r != 1.0:
+            self._scale_lrs(lr_r)
         rec.update(ratio=r, lr_after=self.lr)
         return rec
 
@@ -312,7 +317,9 @@ class GeN:
             return 1.0
         fit = fit_parabola(pts, losses, l0, beta if self.slope else None)
         finite = all(math.isfinite(x) for x in [l0, *losses]) and math.isfinite(beta)
-        r = self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0)
+        ref = loss if isinstance(loss, Tensor) and loss.is_floating_point() else snap.params[0]
+        resolution = LOSS_ULPS * torch.finfo(ref.dtype).eps * abs(l0)  # the closure's rounding
+        r = self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0, resolution)
         if rec["guarded"] and not rec["accepted"]:
             r = self._backtrack(rec, closure, snap, scope, device, l0, fit.beta, r)
         return r
@@ -350,8 +357,8 @@ class GeN:
         return self._decide(rec, fit, why_rejected(fit, finite, None), [], [], l0, lr0)
 
     def _decide(self, rec: dict[str, Any], fit: ParabolaFit, reason: str | None,
-                pts: list[float], losses: list[float], l0: float, lr0: float) -> float:
-        """Record the fit; return the lr ratio r (1 when rejected)."""
+                pts: list[float], losses: list[float], l0: float, lr0: float, resolution: float = 0.0) -> float:
+        """Record the fit; return this step's ratio r (1 when rejected, unless the guard acts)."""
         eta = lr0 if lr0 != 0 else math.nan
         rec.update(
             a_s=fit.a, beta_s=fit.beta, r2=fit.r2, A=fit.a / eta**2, b=fit.beta / eta,
@@ -360,8 +367,10 @@ class GeN:
         if reason is not None:
             if not self.guard or reason == "skipped_step":
                 return 1.0
-            r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
-            if not rec["guarded"]:
+            r, rec["grown"] = grown_ratio(fit, reason, pts, resolution, self.max_change)
+            if not rec["grown"]:
+                r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
+            if not (rec["grown"] or rec["guarded"]):
                 r, rec["shrunk"] = shrunk_ratio(fit, reason, self.max_change)
             return r
         r = smoothed_ratio(fit.s_star, self.smoothing, rec["horizon"], self.max_change)
