@@ -178,11 +178,12 @@ def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
     assert grown_ratio(ascent, "curvature<=0", pts, 1e-7, 2.0) == (1.0, False)  # not a descent step
 
 
-def test_kept_ratio_bounds_the_lr_cut_by_the_clamp():
-    assert kept_ratio(0.1, 2.0) == 0.5
+def test_kept_ratio_falls_by_at_most_the_clamp_and_stays_below_twice_the_minimiser():
+    assert kept_ratio(0.3, 2.0) == 0.5       # the clamp: the lr halves at most
+    assert kept_ratio(0.1, 2.0) == 0.2       # but never above 2·s*, where the parabola says L rises
+    assert kept_ratio(1e-9, 2.0) == 2e-9
     assert kept_ratio(0.7, 2.0) == 0.7
-    assert kept_ratio(2.0, 2.0) == 2.0
-    assert kept_ratio(0.1, None) == 0.1
+    assert kept_ratio(0.1, None) == 0.1      # no clamp: the lr takes the whole cap
 
 
 def test_r_squared_of_huge_finite_losses_does_not_raise():

@@ -112,6 +112,20 @@ def test_default_gen_sgd_from_its_default_lr_diverges_unguarded_and_converges_gu
     assert guarded["f"] < 0.01 * start
 
 
+@pytest.mark.parametrize("lr", [1.0, 5.0])
+def test_a_capped_lr_stays_below_twice_the_minimiser(lr, monkeypatch):
+    # From lr 1-5 on Rosenbrock the first fit is accepted with s* ~ 1e-9: this step is capped
+    # at s*, and the three unprobed steps after it run at what the lr keeps. Halving only
+    # (the clamp alone) diverges within them; at most 2·s* does not.
+    sgd = lambda p: torch.optim.SGD(p, lr=lr)  # noqa: E731
+    kept = _run(Rosenbrock(), sgd, iters=200, guard=True)
+    first = kept["gen"].history[0]
+    assert first["accepted"] and first["guarded"] and first["lr_after"] <= 2 * first["ratio"] * lr
+    assert not kept["diverged"]
+    monkeypatch.setattr("genrun.gen.gen.kept_ratio", lambda r, max_change: max(r, 1.0 / max_change))
+    assert _run(Rosenbrock(), sgd, iters=200, guard=True)["diverged"]
+
+
 def test_backtrack_ratio_rules():
     lo, hi = BACKTRACK_RANGE
     # no probe above L0 at 0 < s <= r: nothing to do

@@ -62,7 +62,7 @@ class GeN:
        curvature is within the loss's rounding (a step far too short to feel it) gets
        r = ``max_change`` (:func:`~genrun.gen.fit.grown_ratio`).  The lr follows r,
        except that after an accepted fit's cap it falls by at most ``1/max_change``
-       (:func:`~genrun.gen.fit.kept_ratio`).  Without
+       while staying at most 2·s* (:func:`~genrun.gen.fit.kept_ratio`).  Without
        the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
        from lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
@@ -82,10 +82,7 @@ class GeN:
     ``init_search`` replaces the first probe by the grid search of C.4.2.  Non-probe
     steps cost nothing: no copies, no syncs.  A probe step syncs once (with
     ``scaler``, once more: the zero-step check, right after GradScaler's own sync);
-    rejected probes never raise.  Measured on one H200 (fp32/TF32, batch 256, 224 px),
-    relative speed at every = 1/4/8: ResNet-18 SGD 0.59/0.86/0.91, ViT-S AdamW
-    0.64/0.86/0.92, against 0.61/0.86/0.91 and 0.65/0.88/0.93 for the bare cost of two
-    no-grad forwards per ``every`` steps; peak memory unchanged (``tests/test_gen_cuda.py``).
+    rejected probes never raise.  Speed and memory on a GPU: README (``make bench``).
 
     The closure must evaluate the batch that produced ``.grad``: ``slope=True`` takes
     β from that gradient and ``loss`` is L0 on that batch.  To probe an independent
