@@ -174,6 +174,7 @@ def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
     assert grown_ratio(noise, "r2", pts, 1e-7, 2.0) == (2.0, True)              # R² of rounding noise
     assert grown_ratio(ParabolaFit(0.0, 1e-3, None, True), "degenerate", pts, 1e-7, 2.0) == (2.0, True)
     assert grown_ratio(noise, "nonfinite", pts, 1e-7, 2.0) == (1.0, False)
+    assert grown_ratio(ParabolaFit(0.0, 1e-3, None, False), "curvature<=0", [], 0.0, 2.0) == (1.0, False)  # exact
     ascent = ParabolaFit(-1e-7, -1e-3, 1.0, False)
     assert grown_ratio(ascent, "curvature<=0", pts, 1e-7, 2.0) == (1.0, False)  # not a descent step
 

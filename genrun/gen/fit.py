@@ -277,7 +277,7 @@ def grown_ratio(
     if not (fit.beta > 0.0 and math.isfinite(fit.beta) and math.isfinite(fit.a)):
         return 1.0, False
     reach = max((x * x for x in points), default=0.0)
-    if not 0.5 * abs(fit.a) * reach <= resolution:
+    if not (reach > 0.0 and 0.5 * abs(fit.a) * reach <= resolution):  # no probes (exact mode): no rule
         return 1.0, False
     return max_change, True
 
