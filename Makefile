@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-gpu lint clean install
+.PHONY: run test bench lint clean install
 
 install: $(STAMP)
 
