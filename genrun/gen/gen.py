@@ -13,10 +13,10 @@ from .distributed import distributed_active, reduce_stats
 from .exact import curvature_along
 from .fit import (
     LOSS_ULPS, ParabolaFit, backtrack_ratio, fit_parabola, grown_ratio, guarded_ratio, horizon_factor, kept_ratio,
-    shrunk_ratio, smoothed_ratio, why_rejected,
+    recovered_ratio, shrunk_ratio, smoothed_ratio, why_rejected,
 )
-from .probe import ProbeScope, as_loss, probe_losses, rng_state
-from .search import best_on_grid, lr_grid
+from .probe import ProbeScope, as_loss, backtrack, probe_losses, rng_state
+from .search import search_ratio
 from .snapshot import StepSnapshot
 from .validate import check_arguments
 
@@ -284,7 +284,7 @@ class GeN:
         try:
             with ProbeScope(self.model, replay) as scope:
                 if searching:
-                    r = self._search(rec, closure, snap, scope, head, device, lr0)
+                    r, self._search_done = search_ratio(rec, closure, snap, scope, head, device, lr0, self._reduce)
                 elif self.mode == "exact":
                     r = self._exact(rec, closure, snap, scope, head, lr0)
                 else:
@@ -318,25 +318,8 @@ class GeN:
         resolution = LOSS_ULPS * torch.finfo(ref.dtype).eps * abs(l0)  # the closure's rounding
         r = self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0, resolution)
         if rec["guarded"] and not rec["accepted"]:
-            r = self._backtrack(rec, closure, snap, scope, device, l0, fit.beta, r)
-        return r
-
-    def _backtrack(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot, scope: ProbeScope,
-                   device: torch.device, l0: float, beta: float, r: float) -> float:
-        """The guard's line search after a rejected fit: probe the cut step and cut again
-        while it still raises the loss (at most ``GUARD_TRIES`` extra forwards, spent only
-        when the probes already showed a rise).  Each value is reduced like the others,
-        so every rank takes the same decisions."""
-        tried, seen = [], []
-        for _ in range(GUARD_TRIES):
-            value = probe_losses(closure, snap.place, [r], scope, device)[0]
-            loss_r = self._reduce(value.to(device=device, dtype=torch.float64).reshape(1), 0)[0]
-            tried.append(r)
-            seen.append(loss_r)
-            r, cut = backtrack_ratio(r, [r], [loss_r], l0, beta)
-            if not cut:
-                break
-        rec.update(guard_points=tried, guard_losses=seen)
+            r, rec["guard_points"], rec["guard_losses"] = backtrack(
+                closure, snap.place, scope, device, (r, l0, fit.beta), lambda v: self._reduce(v, 0)[0], GUARD_TRIES)
         return r
 
     def _exact(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot,
@@ -374,26 +357,3 @@ class GeN:
         if self.guard:
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
-
-    def _search(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot,
-                scope: ProbeScope, head: Tensor, device: torch.device, lr0: float) -> float:
-        """Appendix C.4.2: the grid lr with the lowest loss along this step's direction."""
-        grid = lr_grid()
-        if not lr0 > 0.0:
-            rec["reason"] = "degenerate"
-            return 1.0
-        mults = [g / lr0 for g in grid]
-        vals = probe_losses(closure, snap.place, mults, scope, device)
-        host = self._reduce(torch.stack([head[0], head[1], *[v.to(head) for v in vals]]), 2)
-        dd, losses = host[0], host[2:]
-        rec.update(points=mults, losses=losses, delta_norm=math.sqrt(max(dd, 0.0)))
-        if dd == 0.0:
-            rec["reason"] = "skipped_step"
-            return 1.0
-        self._search_done = True
-        best = best_on_grid(grid, losses)
-        if best is None:
-            rec["reason"] = "nonfinite"
-            return 1.0
-        rec.update(reason="init_search", accepted=True, eta_star=grid[best])
-        return mults[best]

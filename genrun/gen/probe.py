@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .fit import backtrack_ratio
+
 
 def rng_state() -> dict[str, Any]:
     """CPU generator state, plus every CUDA device's if CUDA is already initialised.
@@ -119,3 +121,33 @@ def probe_losses(
             if device is None:
                 device = out[-1].device
     return out
+
+
+def backtrack(
+    closure: Callable[[], Any],
+    place: Callable[[float], None],
+    scope: ProbeScope,
+    device: torch.device,
+    start: tuple[float, float, float],
+    reduce: Callable[[Tensor], float],
+    tries: int,
+) -> tuple[float, list[float], list[float]]:
+    """The guard's line search after a rejected fit (:func:`~genrun.gen.fit.backtrack_ratio`).
+
+    ``start = (r, L0, β)``: probe the cut multiplier r and cut again while it still
+    raises the loss, at most ``tries`` forwards (spent only when the probes already
+    showed a rise).  ``reduce`` turns each loss into the number every rank agrees on.
+    Returns the final r and the multipliers and losses tried.
+    """
+    r, l0, beta = start
+    tried: list[float] = []
+    seen: list[float] = []
+    for _ in range(tries):
+        value = probe_losses(closure, place, [r], scope, device)[0]
+        loss_r = reduce(value.to(device=device, dtype=torch.float64).reshape(1))
+        tried.append(r)
+        seen.append(loss_r)
+        r, cut = backtrack_ratio(r, [r], [loss_r], l0, beta)
+        if not cut:
+            break
+    return r, tried, seen
