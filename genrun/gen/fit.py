@@ -298,3 +298,22 @@ def kept_ratio(r: float, max_change: float | None) -> float:
     step left the quadratic region and raised the loss (a trust region shrinks).
     """
     return r if max_change is None else min(max(r, 1.0 / max_change), 2.0 * r)
+
+
+def recovered_ratio(r: float, s_star: float, horizon: float, max_change: float | None, ceiling: float) -> float:
+    """After the guard cut the rate, an accepted fit may restore it without smoothing.
+
+    ``ceiling`` is ``η_cut/η``, the rate before the latest backtrack or shrink (rules 1
+    and 3) over the current one.  Those cuts answer one batch whose step left the
+    quadratic region, and the lr keeps them; but smoothing then brings the rate back
+    at only ``γ + (1-γ)·s*`` per probe (1.1-1.5 for the s* = 2-6 seen after a cut), so
+    heavy-ball GeN-SGD spent the rest of a run 3-10x below the rate it had before
+    (README, mnist5k).  While the rate is below the ceiling, an accepted fit whose
+    minimiser lies beyond the step moves straight to it:
+    ``r = max(r, min(s*·h, max_change, ceiling))`` — never beyond the fitted minimiser,
+    the clamp, or the rate that was cut.  Returns the (possibly raised) ratio.
+    """
+    if not ceiling > 1.0:
+        return r
+    cap = ceiling if max_change is None else min(ceiling, max_change)
+    return max(r, min(s_star * horizon, cap))

@@ -62,14 +62,17 @@ class GeN:
        curvature is within the loss's rounding (a step far too short to feel it) gets
        r = ``max_change`` (:func:`~genrun.gen.fit.grown_ratio`).  The lr follows r,
        except that after an accepted fit's cap it falls by at most ``1/max_change``
-       while staying at most 2·s* (:func:`~genrun.gen.fit.kept_ratio`).  Without
+       while staying at most 2·s* (:func:`~genrun.gen.fit.kept_ratio`).  After a
+       backtrack or a shrink cut the lr, an accepted fit may take it straight back up to
+       min(s*·h, ``max_change``) per probe, until it regains the rate before that cut
+       (:func:`~genrun.gen.fit.recovered_ratio`).  Without
        the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
        from lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
     lr_after, ratio (this step's multiplier r), eta_star, A = a/η², b = β/η, a_s, beta_s, r2, accepted, reason
     (None or one of "nonfinite", "degenerate", "curvature<=0", "slope<=0", "r2",
-    "skipped_step", "init_search"), points, losses, horizon, guarded, shrunk, grown, delta_norm; after a
+    "skipped_step", "init_search"), points, losses, horizon, guarded, shrunk, grown, recovered, delta_norm; after a
     guard backtrack also guard_points and guard_losses (the re-probed multipliers and losses).
     ``history_size`` keeps only that many latest records (None: all; a long run makes
     250k records per million steps at Φ = 4, and ``state_dict`` carries them); ``probes``
@@ -157,6 +160,7 @@ class GeN:
         self._step = 0
         self._search_done = False
         self._replay: tuple[int, dict[str, Any]] | None = None
+        self._ceiling: float | None = None  # the lr before the guard's latest cut, until regained
 
     # ------------------------------------------------------------------ public API
     @property
@@ -214,7 +218,7 @@ class GeN:
     def state_dict(self) -> dict[str, Any]:
         """GeN's own state (the lr itself lives in the optimizer's state_dict)."""
         return {"step": self._step, "search_done": self._search_done, "history": copy.deepcopy(self.history),
-                "probes": self.probes, "accepted": self.accepted}
+                "probes": self.probes, "accepted": self.accepted, "ceiling": self._ceiling}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"step", "search_done", "history"} - set(state)
@@ -227,6 +231,7 @@ class GeN:
         self.probes = int(state.get("probes", len(self.history)))
         self.accepted = int(state.get("accepted", sum(bool(r.get("accepted")) for r in self.history)))
         self._replay = None
+        self._ceiling = state.get("ceiling")
 
     def __repr__(self) -> str:
         return (f"GeN({type(self.optimizer).__name__}, every={self.every}, smoothing={self.smoothing}, "
@@ -269,7 +274,7 @@ class GeN:
             "lr_after": lr0, "ratio": 1.0, "eta_star": None, "A": None, "b": None, "a_s": None,
             "beta_s": None, "r2": None, "accepted": False, "reason": None, "points": [], "losses": [],
             "horizon": horizon_factor(self.horizon, t, self.total_steps), "guarded": False, "shrunk": False,
-            "grown": False, "delta_norm": None,
+            "grown": False, "recovered": False, "delta_norm": None,
         }
         params = snap.params
         device = loss.device if isinstance(loss, Tensor) else (params[0].device if params else torch.device("cpu"))
@@ -294,6 +299,10 @@ class GeN:
         lr_r = kept_ratio(r, self.max_change) if rec["accepted"] and not searching else r
         if lr_r != 1.0:
             self._scale_lrs(lr_r)
+        if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"] and lr_r < 1.0:
+            self._ceiling = lr0
+        elif self._ceiling is not None and self.lr >= self._ceiling:
+            self._ceiling = None
         rec.update(ratio=r, lr_after=self.lr)
         return rec
 
@@ -354,6 +363,9 @@ class GeN:
                 r, rec["shrunk"] = shrunk_ratio(fit, reason, self.max_change)
             return r
         r = smoothed_ratio(fit.s_star, self.smoothing, rec["horizon"], self.max_change)
+        if self.guard and self._ceiling is not None and lr0 > 0.0:
+            raised = recovered_ratio(r, fit.s_star, rec["horizon"], self.max_change, self._ceiling / lr0)
+            r, rec["recovered"] = raised, raised > r
         if self.guard:
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
