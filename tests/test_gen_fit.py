@@ -16,6 +16,7 @@ from genrun.gen.fit import (
     guarded_ratio,
     horizon_factor,
     kept_ratio,
+    recovered_ratio,
     smoothed_ratio,
     why_rejected,
 )
@@ -185,6 +186,16 @@ def test_kept_ratio_falls_by_at_most_the_clamp_and_stays_below_twice_the_minimis
     assert kept_ratio(1e-9, 2.0) == 2e-9
     assert kept_ratio(0.7, 2.0) == 0.7
     assert kept_ratio(0.1, None) == 0.1      # no clamp: the lr takes the whole cap
+
+
+def test_recovered_ratio_moves_to_the_minimiser_within_the_clamp_and_the_cut_rate():
+    assert recovered_ratio(1.3, 4.0, 1.0, 2.0, 1.0) == 1.3      # no cut to recover (at the ceiling)
+    assert recovered_ratio(1.3, 4.0, 1.0, 2.0, 8.0) == 2.0      # the clamp
+    assert recovered_ratio(1.3, 4.0, 1.0, None, 8.0) == 4.0     # no clamp: straight to s*
+    assert recovered_ratio(1.05, 1.5, 1.0, 2.0, 8.0) == 1.5     # s*, where smoothing gives 0.9 + 0.1·1.5
+    assert recovered_ratio(1.3, 4.0, 1.0, 2.0, 1.6) == 1.6      # the rate before the cut, not beyond
+    assert recovered_ratio(1.3, 4.0, 0.25, 2.0, 8.0) == 1.3     # s*·h = 1: never below the smoothed rate
+    assert recovered_ratio(0.95, 0.5, 1.0, 2.0, 8.0) == 0.95    # a minimiser inside the step: no raise
 
 
 def test_r_squared_of_huge_finite_losses_does_not_raise():

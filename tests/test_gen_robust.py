@@ -133,6 +133,47 @@ def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max
     assert w.detach() == pytest.approx(torch.full((4,), 3.0 - expected * 5.4, dtype=F64))  # this step shrank too
 
 
+@pytest.mark.parametrize("eta_star", [0.15, 0.5])
+def test_after_a_cut_accepted_fits_restore_the_rate_up_to_the_one_cut(eta_star):
+    # Σw⁴ from w = 3 at lr 0.2 overshoots (L(1) > L0, R² rejects): the guard backtracks and the
+    # lr keeps the cut. Then a quadratic with minimiser η* along d: each accepted fit moves the
+    # lr straight to min(η*, 2·lr, 0.2) instead of smoothing it up by 0.9 + 0.1·s*.
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=True)
+    cut = one_step(gen, w, lambda: (w**4).sum())
+    assert cut["reason"] == "r2" and cut["guarded"] and gen.lr < 0.1
+    assert gen.state_dict()["ceiling"] == 0.2
+    for _ in range(6):
+        lr = gen.lr
+        rec = one_step(gen, w, lambda: 0.5 / eta_star * (w**2).sum())
+        s_star = rec["eta_star"] / lr
+        assert rec["accepted"] and rec["eta_star"] == pytest.approx(eta_star, rel=1e-9)
+        smoothed = min(0.9 + 0.1 * s_star, 2.0)
+        if lr < min(eta_star, 0.2) * (1 - 1e-9):
+            target = min(eta_star, 2 * lr, 0.2)
+            assert gen.lr == pytest.approx(target, rel=1e-9)
+            assert rec["recovered"] is (target > lr * smoothed * (1 + 1e-9))
+        else:  # regained: plain smoothing from here on
+            assert not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed, rel=1e-9)
+    recovered = [r["recovered"] for r in gen.history[1:]]
+    assert recovered.count(True) >= 2 and recovered[-1] is False
+    assert (gen.state_dict()["ceiling"] is None) is (eta_star > 0.2)  # cleared once the lr is back at 0.2
+
+
+def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
+    w = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    capped = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=True)
+    rec = one_step(capped, w, lambda: 0.5 * (w**2).sum())
+    assert rec["accepted"] and rec["guarded"] and capped.state_dict()["ceiling"] is None  # rule 5 bounds it
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    shrunk = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=True)
+    rec = one_step(shrunk, w, lambda: (w**4).sum())
+    assert rec["shrunk"] and shrunk.state_dict()["ceiling"] == 0.05
+    restored = GeN(torch.optim.SGD([w], lr=0.025), every=1, guard=True)
+    restored.load_state_dict(shrunk.state_dict())
+    assert restored.state_dict()["ceiling"] == 0.05
+
+
 def test_closure_error_restores_weights_and_propagates():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
