@@ -97,10 +97,10 @@ def test_every_offline_cell_composes_and_builds(compose_many, task):
 
 
 def _fake_run(root: Path, num: int, task: str, row: str, variant: str, lr: float, status: str, acc: float | None,
-              family: str) -> None:
+              family: str, classes: int | None = None) -> None:
     run = root / str(num)
     (run / ".hydra").mkdir(parents=True)
-    cfg = {"task": {"name": task}, "optim": {"lr": lr}, "seed": 0,
+    cfg = {"task": {"name": task, "num_classes": classes}, "optim": {"lr": lr}, "seed": 0,
            "table2": {"row": row, "family": family, "lr_variant": variant}}
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     (run / ".hydra" / "overrides.yaml").write_text(f"- task={task}\n- experiment/table2_row={row}\n")
@@ -167,6 +167,28 @@ def test_report_averages_seeds_and_shows_the_diverged_ones(tmp_path):
     assert "**98.00**" in next(line for line in text.splitlines() if line.startswith("| SGD(constant)"))
     check = next(line for line in text.splitlines() if line.startswith("| digits | GeN-SGD"))
     assert "| -0.50 | no |" in check                           # a diverged seed fails the target
+
+
+def test_report_flags_seeds_that_finished_at_chance(tmp_path):
+    runs = [
+        ("mnist5k", "gen_sgd", "default", 0.05, "finished", 96.0, "sgd", 10),
+        ("mnist5k", "gen_sgd", "default", 0.05, "finished", 96.0, "sgd", 10),
+        ("mnist5k", "gen_sgd", "default", 0.05, "finished", 11.4, "sgd", 10),   # one class for everything
+        ("mnist5k", "sgd_linear", "hi", 0.2, "finished", 96.0, "sgd", 10),
+        ("mnist5k", "sgd_linear", "hi", 0.2, "finished", 10.0, "sgd", 10),
+        ("mnist5k", "sgd_linear", "hi", 0.2, "finished", 95.0, "sgd", 10),
+        ("mnist5k", "sgd_cosine", "hi", 0.2, "finished", 15.5, "sgd", 10),      # poor, but above 1.5x chance
+    ]
+    for i, run in enumerate(runs):
+        _fake_run(tmp_path, i, *run)
+    assert report_main([str(tmp_path)]) == 0
+    lines = (tmp_path / "table2.md").read_text().splitlines()
+    row = lambda label: next(line for line in lines if line.startswith(f"| {label}"))  # noqa: E731
+    assert "67.00 (1/3 at chance)" in row("SGD(linear decay)")   # counted in the mean, and shown
+    assert "15.50 |" in row("SGD(cosine decay)") and "chance" not in row("SGD(cosine decay)")
+    assert "67.80 (1/3 at chance)" in row("GeN-SGD")
+    check = row("mnist5k | GeN-SGD").split("|")
+    assert check[5].strip() == "+0.80" and check[6].strip() == "no"  # within 0.5 on the mean, but a dead seed fails
 
 
 def test_offline_preset_runs_as_a_sweep_and_reports(genrun, tmp_path):

@@ -5,7 +5,8 @@ conf/experiment/table2_row/). The table has one row per optimizer and one column
 our test accuracy (%), with the paper's number in parentheses where the data set is one of the
 paper's (from PAPER below, copied from the paper's Table 2). Each half (the SGD rows, the
 AdamW rows; they train different models) marks its best accuracy per column in bold. A run
-that diverged is shown as "diverged", never dropped.
+that diverged is shown as "diverged", never dropped; one that finished at chance accuracy (a dead
+network: finite loss, one class for everything) is counted in the mean and flagged beside it.
 
 Cells:
 - plain SGD/AdamW rows: the best accuracy over the lr variants run for that schedule
@@ -90,6 +91,7 @@ class Cell:
         self.acc = mean(_acc(r) for r in finished) if finished else None
         self.diverged_seeds = sum(r.status == "diverged" for r in runs)
         self.diverged = self.acc is None and self.diverged_seeds > 0
+        self.chance_seeds = sum(_at_chance(r) for r in finished)
         self.lr = _select(runs[0], "optim.lr")
         self.seeds = len(runs)
 
@@ -98,13 +100,25 @@ class Cell:
             return "diverged" if self.diverged else "n/a"
         # a mean over the seeds that finished must not hide the ones that did not
         lost = f" ({self.diverged_seeds}/{self.seeds} diverged)" if self.diverged_seeds else ""
-        return f"{self.acc:.2f}{lost}"
+        dead = f" ({self.chance_seeds}/{self.seeds} at chance)" if self.chance_seeds else ""
+        return f"{self.acc:.2f}{lost}{dead}"
 
 
 def _acc(run: Run) -> float | None:
     test = (run.summary.get("final") or {}).get("test") or {}
     value = test.get("acc")
     return 100.0 * value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+#: A finished run whose test accuracy is at most this multiple of chance (100 % / classes) is
+#: flagged: a network that predicts one class for everything ends with a finite loss, so the
+#: engine calls it finished (seen: SGD at lr 0.2 on mnist5k, 10 % from the first epoch on).
+CHANCE_FACTOR = 1.5
+
+
+def _at_chance(run: Run) -> bool:
+    classes, acc = _select(run, "task.num_classes"), _acc(run)
+    return isinstance(classes, int) and classes > 1 and acc is not None and acc <= CHANCE_FACTOR * 100.0 / classes
 
 
 def collect(runs: list[Run]) -> dict[tuple[str, str], dict[str, Cell]]:
@@ -205,7 +219,7 @@ def render_checks(cells: dict[tuple[str, str], dict[str, Cell]], columns: list[s
                 continue
             tuned = max(grid, key=lambda c: c.acc)
             gap = f"{default.acc - tuned.acc:+.2f}" if default.acc is not None else "diverged"
-            ok = (default.acc is not None and not default.diverged_seeds
+            ok = (default.acc is not None and not default.diverged_seeds and not default.chance_seeds
                   and default.acc >= tuned.acc - 0.5)
             starts = sorted((c for c in gen.values()), key=lambda c: c.lr)
             spread, spread_ok, lr_span = "", "", ""
