@@ -299,7 +299,7 @@ class GeN:
         lr_r = kept_ratio(r, self.max_change) if rec["accepted"] and not searching else r
         if lr_r != 1.0:
             self._scale_lrs(lr_r)
-        if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"] and lr_r < 1.0:
+        if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"]:  # a backtrack or a shrink: r < 1
             self._ceiling = lr0
         elif self._ceiling is not None and self.lr >= self._ceiling:
             self._ceiling = None
