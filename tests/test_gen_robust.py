@@ -133,31 +133,61 @@ def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max
     assert w.detach() == pytest.approx(torch.full((4,), 3.0 - expected * 5.4, dtype=F64))  # this step shrank too
 
 
+def _gen_with_a_chosen_rate(w: torch.Tensor, lr: float) -> GeN:
+    """GeN over [w, v] whose first probe accepts a fit that keeps ``lr``: v's quadratic has its
+    minimiser exactly at ``lr`` along d (s* = 1, so γ + (1-γ)s* = 1); w has no gradient yet."""
+    v = torch.ones(2, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w, v], lr=lr), every=1, guard=True)
+    before = w.detach().clone()
+    rec = one_step(gen, v, lambda: 0.5 / lr * (v**2).sum())
+    assert rec["accepted"] and gen.lr == pytest.approx(lr, rel=1e-9) and torch.equal(w.detach(), before)
+    return gen
+
+
 @pytest.mark.parametrize("eta_star", [0.15, 0.5])
 def test_after_a_cut_accepted_fits_restore_the_rate_up_to_the_one_cut(eta_star):
-    # Σw⁴ from w = 3 at lr 0.2 overshoots (L(1) > L0, R² rejects): the guard backtracks and the
-    # lr keeps the cut. Then a quadratic with minimiser η* along d: each accepted fit moves the
-    # lr straight to min(η*, 2·lr, 0.2) instead of smoothing it up by 0.9 + 0.1·s*.
+    # A fit chose lr 0.2; then Σw⁴ from w = 3 overshoots (L(1) > L0, R² rejects): the guard
+    # backtracks and the lr keeps the cut. Then a quadratic with minimiser η* along d: each accepted
+    # fit moves the lr straight to min(η*, 2·lr, 0.2) instead of smoothing it up by 0.9 + 0.1·s*.
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
-    gen = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=True)
+    gen = _gen_with_a_chosen_rate(w, 0.2)
+    top = gen.lr
     cut = one_step(gen, w, lambda: (w**4).sum())
     assert cut["reason"] == "r2" and cut["guarded"] and gen.lr < 0.1
-    assert gen.state_dict()["ceiling"] == 0.2
+    assert gen.state_dict()["ceiling"] == top
     for _ in range(6):
         lr = gen.lr
         rec = one_step(gen, w, lambda: 0.5 / eta_star * (w**2).sum())
         s_star = rec["eta_star"] / lr
         assert rec["accepted"] and rec["eta_star"] == pytest.approx(eta_star, rel=1e-9)
         smoothed = min(0.9 + 0.1 * s_star, 2.0)
-        if lr < min(eta_star, 0.2) * (1 - 1e-9):
-            target = min(eta_star, 2 * lr, 0.2)
+        if lr < min(eta_star, top) * (1 - 1e-9):
+            target = min(eta_star, 2 * lr, top)
             assert gen.lr == pytest.approx(target, rel=1e-9)
             assert rec["recovered"] is (target > lr * smoothed * (1 + 1e-9))
         else:  # regained: plain smoothing from here on
             assert not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed, rel=1e-9)
-    recovered = [r["recovered"] for r in gen.history[1:]]
+    recovered = [r["recovered"] for r in gen.history[2:]]
     assert recovered.count(True) >= 2 and recovered[-1] is False
     assert (gen.state_dict()["ceiling"] is None) is (eta_star > 0.2)  # cleared once the lr is back at 0.2
+
+
+def test_a_cut_restores_at_most_a_rate_a_fit_chose():
+    # The caller's η0 was never validated: a cut before any accepted fit leaves nothing to restore
+    # (restoring a too-high η0 = 10x the default killed one mnist5k network in six, README).
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    fresh = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=True)
+    cut = one_step(fresh, w, lambda: (w**4).sum())
+    assert cut["guarded"] and not cut["accepted"] and fresh.state_dict()["ceiling"] is None
+    rec = one_step(fresh, w, lambda: 0.5 / 0.15 * (w**2).sum())
+    smoothed = min(0.9 + 0.1 * rec["eta_star"] / rec["lr_before"], 2.0)
+    assert rec["accepted"] and not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed)
+    # a fit chose 0.05, a grow (rule 4) or the caller raised the lr to 0.2 since: restore only to 0.05
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = _gen_with_a_chosen_rate(w, 0.05)
+    gen._scale_lrs(4.0)
+    one_step(gen, w, lambda: (w**4).sum())
+    assert gen.lr < 0.05 and gen.state_dict()["ceiling"] == pytest.approx(0.05, rel=1e-9)
 
 
 def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
@@ -166,12 +196,13 @@ def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
     rec = one_step(capped, w, lambda: 0.5 * (w**2).sum())
     assert rec["accepted"] and rec["guarded"] and capped.state_dict()["ceiling"] is None  # rule 5 bounds it
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
-    shrunk = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=True)
+    shrunk = _gen_with_a_chosen_rate(w, 0.05)
     rec = one_step(shrunk, w, lambda: (w**4).sum())
-    assert rec["shrunk"] and shrunk.state_dict()["ceiling"] == 0.05
+    assert rec["shrunk"] and shrunk.state_dict()["ceiling"] == pytest.approx(0.05, rel=1e-9)
     restored = GeN(torch.optim.SGD([w], lr=0.025), every=1, guard=True)
     restored.load_state_dict(shrunk.state_dict())
-    assert restored.state_dict()["ceiling"] == 0.05
+    assert restored.state_dict()["ceiling"] == shrunk.state_dict()["ceiling"]
+    assert restored.state_dict()["chosen"] == shrunk.state_dict()["chosen"]
 
 
 def test_closure_error_restores_weights_and_propagates():

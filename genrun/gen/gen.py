@@ -64,8 +64,8 @@ class GeN:
        except that after an accepted fit's cap it falls by at most ``1/max_change``
        while staying at most 2·s* (:func:`~genrun.gen.fit.kept_ratio`).  After a
        backtrack or a shrink cut the lr, an accepted fit may take it straight back up to
-       min(s*·h, ``max_change``) per probe, until it regains the rate before that cut
-       (:func:`~genrun.gen.fit.recovered_ratio`).  Without
+       min(s*·h, ``max_change``) per probe, until it regains the rate before that cut, or
+       the latest accepted fit's rate if lower (:func:`~genrun.gen.fit.recovered_ratio`).  Without
        the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
        from lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
@@ -161,6 +161,7 @@ class GeN:
         self._search_done = False
         self._replay: tuple[int, dict[str, Any]] | None = None
         self._ceiling: float | None = None  # the lr before the guard's latest cut, until regained
+        self._chosen: float | None = None   # the lr the latest accepted fit chose
 
     # ------------------------------------------------------------------ public API
     @property
@@ -218,7 +219,7 @@ class GeN:
     def state_dict(self) -> dict[str, Any]:
         """GeN's own state (the lr itself lives in the optimizer's state_dict)."""
         return {"step": self._step, "search_done": self._search_done, "history": copy.deepcopy(self.history),
-                "probes": self.probes, "accepted": self.accepted, "ceiling": self._ceiling}
+                "probes": self.probes, "accepted": self.accepted, "ceiling": self._ceiling, "chosen": self._chosen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"step", "search_done", "history"} - set(state)
@@ -231,7 +232,7 @@ class GeN:
         self.probes = int(state.get("probes", len(self.history)))
         self.accepted = int(state.get("accepted", sum(bool(r.get("accepted")) for r in self.history)))
         self._replay = None
-        self._ceiling = state.get("ceiling")
+        self._ceiling, self._chosen = state.get("ceiling"), state.get("chosen")
 
     def __repr__(self) -> str:
         return (f"GeN({type(self.optimizer).__name__}, every={self.every}, smoothing={self.smoothing}, "
@@ -300,9 +301,12 @@ class GeN:
         if lr_r != 1.0:
             self._scale_lrs(lr_r)
         if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"]:  # a backtrack or a shrink: r < 1
-            self._ceiling = lr0
+            # restore at most a rate a fit chose: not the caller's η0, nor one rule 4 grew to
+            self._ceiling = None if self._chosen is None else min(lr0, self._chosen)
         elif self._ceiling is not None and self.lr >= self._ceiling:
             self._ceiling = None
+        if rec["accepted"]:
+            self._chosen = self.lr
         rec.update(ratio=r, lr_after=self.lr)
         return rec
 
