@@ -306,8 +306,8 @@ def recovered_ratio(r: float, s_star: float, horizon: float, max_change: float |
     ``ceiling`` is ``η_cut/η``, the rate before the latest backtrack or shrink (rules 1
     and 3) over the current one; GeN never puts η_cut above the rate its latest accepted
     fit chose (the caller's η0, or a rate rule 4 grew to, is no rate to return to:
-    restoring a 10x too high η0 killed a network, README).  Those cuts answer one batch whose step left the
-    quadratic region, and the lr keeps them; but smoothing then brings the rate back
+    restoring a 10x too high η0 killed a network, README).  Those cuts answer one batch
+    whose step left the quadratic region, and the lr keeps them; but smoothing then brings the rate back
     at only ``γ + (1-γ)·s*`` per probe (1.1-1.5 for the s* = 2-6 seen after a cut), so
     heavy-ball GeN-SGD spent the rest of a run 3-10x below the rate it had before
     (README, mnist5k).  While the rate is below the ceiling, an accepted fit whose

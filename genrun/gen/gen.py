@@ -65,8 +65,8 @@ class GeN:
        while staying at most 2·s* (:func:`~genrun.gen.fit.kept_ratio`).  After a
        backtrack or a shrink cut the lr, an accepted fit may take it straight back up to
        min(s*·h, ``max_change``) per probe, until it regains the rate before that cut, or
-       the latest accepted fit's rate if lower (:func:`~genrun.gen.fit.recovered_ratio`).  Without
-       the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
+       the latest accepted fit's rate if lower (:func:`~genrun.gen.fit.recovered_ratio`).
+       Without the guard, Algorithm 1 with γ = 0.9 diverges on Beale from (1, 1.5) and GeN-SGD
        from lr 0.05 on Rosenbrock/Beale (``tests/test_synthetic_guard.py``).
 
     ``history`` gets one plain-Python record per probe step: step, lr_before,
@@ -332,7 +332,7 @@ class GeN:
         r = self._decide(rec, fit, why_rejected(fit, finite, self.min_r2), pts, losses, l0, lr0, resolution)
         if rec["guarded"] and not rec["accepted"]:
             r, rec["guard_points"], rec["guard_losses"] = backtrack(
-                closure, snap.place, scope, device, (r, l0, fit.beta), lambda v: self._reduce(v, 0)[0], GUARD_TRIES)
+                closure, snap.place, scope, device, r, l0, fit.beta, lambda v: self._reduce(v, 0)[0], GUARD_TRIES)
         return r
 
     def _exact(self, rec: dict[str, Any], closure: Closure, snap: StepSnapshot,

@@ -128,18 +128,19 @@ def backtrack(
     place: Callable[[float], None],
     scope: ProbeScope,
     device: torch.device,
-    start: tuple[float, float, float],
+    r: float,
+    l0: float,
+    beta: float,
     reduce: Callable[[Tensor], float],
     tries: int,
 ) -> tuple[float, list[float], list[float]]:
     """The guard's line search after a rejected fit (:func:`~genrun.gen.fit.backtrack_ratio`).
 
-    ``start = (r, L0, β)``: probe the cut multiplier r and cut again while it still
-    raises the loss, at most ``tries`` forwards (spent only when the probes already
-    showed a rise).  ``reduce`` turns each loss into the number every rank agrees on.
-    Returns the final r and the multipliers and losses tried.
+    Probe the cut multiplier ``r`` and cut again (from L0 = ``l0`` and the slope ``beta``)
+    while it still raises the loss, at most ``tries`` forwards (spent only when the
+    probes already showed a rise).  ``reduce`` turns each loss into the number every
+    rank agrees on.  Returns the final r and the multipliers and losses tried.
     """
-    r, l0, beta = start
     tried: list[float] = []
     seen: list[float] = []
     for _ in range(tries):
