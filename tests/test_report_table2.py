@@ -83,6 +83,7 @@ def test_every_offline_cell_composes_and_builds(compose_many, task):
         cfg = compose_many(["+experiment=table2_offline", f"task={task}", f"experiment/table2_row={row}"])
         validate(cfg)
         assert cfg.model._target_ == "genrun.models.SmallCNN" and cfg.trainer.batch_size == 64
+        assert cfg.trainer.epochs == PRESETS["table2_offline"].table2.epochs[task]  # per-task length resolves
         if row.startswith("gen_"):
             # the rows' fallback repeats conf/optim/gen/default.yaml's horizon (YAML cannot point at it): keep them equal
             default = compose_many(["optim=gen_sgd"]).optim.gen.horizon
