@@ -367,9 +367,9 @@ class GeN:
                 r, rec["shrunk"] = shrunk_ratio(fit, reason, self.max_change)
             return r
         r = smoothed_ratio(fit.s_star, self.smoothing, rec["horizon"], self.max_change)
-        if self.guard and self._ceiling is not None and lr0 > 0.0:
-            raised = recovered_ratio(r, fit.s_star, rec["horizon"], self.max_change, self._ceiling / lr0)
-            r, rec["recovered"] = raised, raised > r
         if self.guard:
+            if self._ceiling is not None and lr0 > 0.0:
+                raised = recovered_ratio(r, fit.s_star, rec["horizon"], self.max_change, self._ceiling / lr0)
+                r, rec["recovered"] = raised, raised > r
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
