@@ -9,31 +9,41 @@ so the numbers measure compute, not data loading.
 CPU: a small CNN on digits-sized input (8x8, batch 64). CUDA: ResNet-18 with SGD and
 ViT-S/16 with AdamW, batch 256, 224x224, fp32 with TF32 matmuls.
 
-    python -m genrun.bench [--device auto|cpu|cuda] [--steps N] [--out results.json]
+    python -m genrun.bench [--device auto|cpu|cuda] [--steps N] [--out results.json] [--profile DIR]
+
+``--profile DIR`` also runs the base step and GeN fast at Φ = 1 under torch.profiler
+and writes, per model, the ops that take the most time and a Chrome trace of the GeN
+steps: on a GPU, wall time minus kernel time per step is the time the GPU waits on the
+host (GeN's one sync per probe step), the rest is extra kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 
 from genrun.gen import GeN
 from genrun.models import SmallCNN
 
 PHIS = (1, 2, 4, 8)
+PROFILED_STEPS = 4  # a Chrome trace of a ResNet-18 step is ~1 MB
 SCHEMES = {
     # name: GeN keyword arguments
     "gen (probes -1,+1; slope from grad)": {"points": (-1.0, 0.0, 1.0)},
     "gen fast (probe +1; slope from grad)": {"points": (0.0, 1.0), "min_r2": None},
 }
+FAST = "gen fast (probe +1; slope from grad)"
 
 
 @dataclass
@@ -67,8 +77,13 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
-               gen_kwargs: dict | None = None, floor_every: int | None = None) -> dict[str, float]:
-    """Mean seconds per optimizer step and peak memory for one way of stepping."""
+               gen_kwargs: dict | None = None, floor_every: int | None = None,
+               profile: bool = False, trace: Path | None = None) -> dict[str, Any]:
+    """Mean seconds per optimizer step and peak memory for one way of stepping.
+
+    With ``profile`` the timed steps run under torch.profiler: ``busy_s`` is the
+    device's kernel time per step, ``top_ops`` a table, ``trace`` where a Chrome trace goes.
+    """
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the previous row's model and optimizer are gone by now
     torch.manual_seed(0)
@@ -100,16 +115,53 @@ def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     times = []
-    for t in range(steps):
-        start = time.perf_counter()
-        one_step(t)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    with _profiler(device) if profile else contextlib.nullcontext() as prof:
+        for t in range(steps):
+            start = time.perf_counter()
+            one_step(t)
+            _sync(device)
+            times.append(time.perf_counter() - start)
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return {"step_s": statistics.fmean(times), "peak_mb": memory}
+    result: dict[str, Any] = {"step_s": statistics.fmean(times), "peak_mb": memory}
+    if prof is not None:
+        ops = prof.key_averages()
+        # kernels and copies are the CUDA-typed events; CPU ops' device time would count them twice
+        busy = sum(e.self_device_time_total for e in ops if e.device_type == DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)) / 1e6 / steps
+        result.update(busy_s=busy if device.type == "cuda" else float("nan"),
+                      top_ops=ops.table(sort_by="self_device_time_total" if device.type == "cuda"
+                                        else "self_cpu_time_total", row_limit=25))
+        if trace is not None:
+            prof.export_chrome_trace(str(trace))
+    return result
 
 
-def run(device: torch.device, steps: int, warmup: int, only: str | None = None) -> dict[str, Any]:
+def _profiler(device: torch.device) -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def profile_rows(setting: Setting, device: torch.device, warmup: int, folder: Path) -> list[dict[str, Any]]:
+    """The base step and GeN fast at Φ = 1 under the profiler; writes ``<model>.txt`` and a trace."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = setting.name.split(",")[0].lower().replace(" ", "_").replace("/", "")
+    rows = [{"scheme": "base", **time_steps(setting, device, PROFILED_STEPS, warmup, profile=True)},
+            {"scheme": "gen fast, Φ=1", **time_steps(setting, device, PROFILED_STEPS, warmup,
+                                                     gen_kwargs={"every": 1, **SCHEMES[FAST]}, profile=True,
+                                                     trace=folder / f"{slug}_gen_fast.json")}]
+    text = [f"{setting.name}: {PROFILED_STEPS} profiled steps each (the profiler slows the host)", ""]
+    for row in rows:
+        wall, busy = row["step_s"] * 1e3, row["busy_s"] * 1e3
+        text += [f"## {row['scheme']}: wall {wall:.2f} ms/step, kernels {_num(busy, '.2f')} ms/step, "
+                 f"device idle {_num(wall - busy, '.2f')} ms/step", row.pop("top_ops"), ""]
+    (folder / f"{slug}.txt").write_text("\n".join(text))
+    return rows
+
+
+def run(device: torch.device, steps: int, warmup: int, only: str | None = None,
+        profile: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": _describe(device), "steps": steps, "settings": []}
     for setting in settings(device):
         if only and only.lower() not in setting.name.lower():
@@ -128,7 +180,10 @@ def run(device: torch.device, steps: int, warmup: int, only: str | None = None) 
         for row in rows:
             row["relative_speed"] = base["step_s"] / row["step_s"]
         params_mb = sum(p.numel() * p.element_size() for p in setting.model().parameters()) / 2**20
-        results["settings"].append({"name": setting.name, "base": base, "params_mb": params_mb, "rows": rows})
+        entry = {"name": setting.name, "base": base, "params_mb": params_mb, "rows": rows}
+        if profile is not None:
+            entry["profile"] = profile_rows(setting, device, warmup, profile)
+        results["settings"].append(entry)
     return results
 
 
@@ -138,19 +193,26 @@ def _describe(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _mb(value: float) -> str:
-    return "n/a" if value != value else f"{value:.0f}"  # NaN: the CPU has no allocator peak to read
+def _num(value: float, spec: str = ".0f") -> str:
+    return "n/a" if value != value else f"{value:{spec}}"  # NaN: the CPU has no allocator peak or kernel time
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Device: {results['device']}; {results['steps']} timed steps per row; synthetic inputs.", ""]
     for s in results["settings"]:
         lines += [f"**{s['name']}**: base step {s['base']['step_s'] * 1e3:.1f} ms, "
-                  f"peak {_mb(s['base']['peak_mb'])} MB, params {s['params_mb']:.0f} MB", "",
+                  f"peak {_num(s['base']['peak_mb'])} MB, params {s['params_mb']:.0f} MB", "",
                   "| scheme | Φ | relative speed | peak memory (MB) |", "|---|---|---|---|"]
         for row in s["rows"]:
-            lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {_mb(row['peak_mb'])} |")
+            lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {_num(row['peak_mb'])} |")
         lines.append("")
+        if "profile" in s:
+            lines += [f"Profiled, per step ({PROFILED_STEPS} steps; op tables and a trace in --profile's folder):", "",
+                      "| scheme | wall ms | kernel ms | device idle ms |", "|---|---|---|---|"]
+            for row in s["profile"]:
+                busy, wall = row["busy_s"] * 1e3, row["step_s"] * 1e3
+                lines.append(f"| {row['scheme']} | {wall:.2f} | {_num(busy, '.2f')} | {_num(wall - busy, '.2f')} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -161,6 +223,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--only", default=None, help="run only the settings whose name contains this (e.g. resnet)")
+    parser.add_argument("--profile", default=None, type=Path,
+                        help="also profile the base step and GeN fast at Φ=1; write op tables and traces here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -169,7 +233,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (40 if device.type == "cuda" else 200)
-    results = run(device, steps, args.warmup, args.only)
+    results = run(device, steps, args.warmup, args.only, args.profile)
     print(markdown(results))
     if args.out:
         with open(args.out, "w") as f:

@@ -12,9 +12,9 @@ SCHEMES = {"two no-grad forwards (floor)", "gen (probes -1,+1; slope from grad)"
 
 
 def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "genrun.bench", "--device", "cpu", "--steps", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    out, prof = tmp_path / "bench.json", tmp_path / "prof"
+    proc = subprocess.run([sys.executable, "-m", "genrun.bench", "--device", "cpu", "--steps", "1", "--out", str(out),
+                           "--profile", str(prof)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (setting,) = json.loads(out.read_text())["settings"]  # the CPU has one model: the small CNN
     rows = {(r["scheme"], r["phi"]): r for r in setting["rows"]}
@@ -25,3 +25,11 @@ def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
         assert row["relative_speed"] == setting["base"]["step_s"] / row["step_s"] and row["step_s"] > 0
         assert math.isnan(row["peak_mb"])  # no CUDA: peak memory is not measured, and the table says n/a
     assert "| gen fast (probe +1; slope from grad) | 8 |" in proc.stdout
+    # --profile: per model an op table of both schemes and a trace of GeN's steps, with its snapshot copies
+    assert [r["scheme"] for r in setting["profile"]] == ["base", "gen fast, Φ=1"]
+    assert all(r["step_s"] > 0 and math.isnan(r["busy_s"]) for r in setting["profile"])
+    table = (prof / "small_cnn.txt").read_text()
+    assert "## base: wall" in table and "## gen fast, Φ=1: wall" in table and "aten::convolution" in table
+    names = {e.get("name") for e in json.loads((prof / "small_cnn_gen_fast.json").read_text())["traceEvents"]}
+    assert "aten::_foreach_copy_" in names and "Optimizer.step#SGD.step" in names
+    assert "| gen fast, Φ=1 |" in proc.stdout

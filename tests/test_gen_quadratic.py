@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from genrun.gen import GeN
-from genrun.gen.search import lr_grid
+from genrun.gen.search import lr_grid, momentum_echo
 
 F64 = torch.float64
 
@@ -172,6 +172,43 @@ def test_init_search_hits_a_known_optimum_on_the_grid():
     gen.step(f, loss=loss.detach())
     assert gen.lr == pytest.approx(1e-2, rel=1e-12)
     assert f().item() == pytest.approx(0.0, abs=1e-20)
+
+
+@pytest.mark.parametrize("make, echo", [
+    (lambda p: torch.optim.SGD(p, lr=1e-5, momentum=0.9), 10.0),
+    (lambda p: torch.optim.SGD(p, lr=1e-5, momentum=0.9, nesterov=True), 10.0),
+    (lambda p: torch.optim.SGD(p, lr=1e-5, momentum=0.8, dampening=0.5), 2.5),
+    (lambda p: torch.optim.RMSprop(p, lr=1e-5, momentum=0.5), 2.0),
+    (lambda p: torch.optim.Adam(p, lr=1e-5, betas=(0.9, 0.999)), 1.0),
+])
+def test_init_search_divides_the_grid_lr_by_the_momentum_echo(make, echo):
+    h, c, w = quadratic(seed=5)
+    opt = make([w])
+    assert momentum_echo(opt.param_groups) == pytest.approx(echo)
+    gen = GeN(opt, init_search=True, every=1)
+    f = loss_of(h, c, w)
+    loss = f()
+    loss.backward()
+    w0 = w.detach().clone()
+    opt.step()  # the base step alone, on a copy of the run, gives δ = w0 - w1
+    delta = w0 - w.detach()
+    with torch.no_grad():
+        w.copy_(w0)
+    for group in opt.param_groups:
+        opt.state[group["params"][0]].clear()
+    gen.step(f, loss=loss.detach())
+    rec = gen.history[0]
+    best = rec["eta_star"]
+    assert best == pytest.approx(lr_grid()[min(range(len(rec["losses"])), key=rec["losses"].__getitem__)])
+    assert gen.lr == pytest.approx(best / echo, rel=1e-12)
+    torch.testing.assert_close(w.detach(), w0 - (best / echo / 1e-5) * delta, rtol=1e-9, atol=1e-12)
+
+
+def test_momentum_echo_takes_the_largest_group():
+    w1, w2 = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([{"params": [w1], "momentum": 0.5}, {"params": [w2], "momentum": 0.0}], lr=0.1)
+    assert momentum_echo(opt.param_groups) == pytest.approx(2.0)
+    assert momentum_echo(torch.optim.SGD([w1], lr=0.1).param_groups) == 1.0
 
 
 @pytest.mark.parametrize("horizon", ["linear", "cosine"])

@@ -16,7 +16,7 @@ from .fit import (
     recovered_ratio, shrunk_ratio, smoothed_ratio, why_rejected,
 )
 from .probe import ProbeScope, as_loss, backtrack, probe_losses, rng_state
-from .search import search_ratio
+from .search import momentum_echo, search_ratio
 from .snapshot import StepSnapshot
 from .validate import check_arguments
 
@@ -82,7 +82,8 @@ class GeN:
 
     ``mode="exact"`` (Algorithm 2) takes ``a = δᵀHδ`` from a Hessian-vector product at
     ``w_t`` instead of probes (``closure`` must then return a differentiable loss, no R²).
-    ``init_search`` replaces the first probe by the grid search of C.4.2.  Non-probe
+    ``init_search`` replaces the first probe by the grid search of C.4.2 (the lowest
+    probe loss, divided by heavy-ball momentum's 1/(1 - μ)).  Non-probe
     steps cost nothing: no copies, no syncs.  A probe step syncs once (with
     ``scaler``, once more: the zero-step check, right after GradScaler's own sync);
     rejected probes never raise.  Speed and memory on a GPU: README (``make bench``).
@@ -290,7 +291,8 @@ class GeN:
         try:
             with ProbeScope(self.model, replay) as scope:
                 if searching:
-                    r, self._search_done = search_ratio(rec, closure, snap, scope, head, device, lr0, self._reduce)
+                    r, self._search_done = search_ratio(rec, closure, snap, scope, head, device, lr0, self._reduce,
+                                                        momentum_echo(self.optimizer.param_groups))
                 elif self.mode == "exact":
                     r = self._exact(rec, closure, snap, scope, head, lr0)
                 else:
