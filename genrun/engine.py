@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dog import PolynomialDecayAverager
+
 from genrun import checkpoint
 from genrun.errors import UserError
 from genrun.gen import GeN
@@ -83,6 +85,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     elif not cfg.sched._target_.endswith(".constant"):
         log.warning("sched=%s is ignored: GeN sets the lr (use optim.gen.horizon=linear|cosine)", cfg.sched._target_.rsplit(".", 1)[-1])
     amp = partial(autocast, device, tc.precision)
+    # evaluate x̄_t, polynomial-decay averaged weights, rather than the last iterate (DoG's authors ask for it)
+    averager = PolynomialDecayAverager(model, gamma=float(tc.average)) if tc.get("average") is not None else None
+    eval_model = averager.averaged_model if averager is not None else model
 
     # -- resume ----------------------------------------------------------------------------
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -95,6 +100,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             scaler.load_state_dict(resume["scaler"])
             if gen is not None:
                 gen.load_state_dict(resume["gen"])
+            if averager is not None:
+                averager.load_state_dict(resume["averager"])
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise UserError(f"trainer.resume: {tc.resume} does not fit this run's model/optimizer ({first}); "
@@ -115,13 +122,13 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         return [spec.lr_of(group) for group in optimizer.param_groups]
 
     def evaluate() -> dict[str, dict[str, float]]:
-        model.eval()
+        eval_model.eval()
         if spec.has_modes:
             optimizer.eval()
         results = {}
         for split, loader in eval_loaders.items():
             with amp():
-                results[split] = task.evaluate(model, loader, partial(to_device, device=device))
+                results[split] = task.evaluate(eval_model, loader, partial(to_device, device=device))
             emit({"kind": "eval", "step": step, "epoch": epoch, "split": split, **results[split], "lr": lrs()})
         return results
 
@@ -133,6 +140,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "schedule": schedule.state_dict() if schedule is not None else None,
             "scaler": scaler.state_dict(),
             "gen": gen.state_dict() if gen is not None else None,
+            "averager": averager.state_dict() if averager is not None else None,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "rng": checkpoint.rng_state(),
         })
@@ -176,6 +184,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 scaler.update()
                 if schedule is not None:
                     schedule.step()
+                if averager is not None:
+                    averager.step()
                 optimizer.zero_grad(set_to_none=True)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
 

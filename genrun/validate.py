@@ -50,6 +50,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.device", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("trainer.precision", _one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     ("trainer.progress", _one_of("auto", "on", "off", True, False), "auto, on or off"),
+    ("trainer.average", _optional(lambda v: _real(v) and v >= 0), "null (the last iterate) or a number >= 0, e.g. 8"),
     ("optim.lr", lambda v: _real(v) and v > 0, "a number > 0"),
 ]
 

@@ -88,3 +88,66 @@ def test_step_size_of_a_param_group():
     assert REGISTRY["dog"].lr_of({"lr": 1.0, "eta": [torch.tensor(0.02)] * 3}) == pytest.approx(0.02)
     assert REGISTRY["dog"].lr_of({"lr": 1.0}) == 1.0                # before DoG's first step
     assert REGISTRY["sgd"].lr_of({"lr": torch.tensor(0.1)}) == pytest.approx(0.1)
+
+
+def _ckpt(run_dir):
+    import torch
+
+    return torch.load(run_dir / "ckpt.pt", weights_only=True)
+
+
+def test_averaged_weights_follow_the_polynomial_decay_and_are_what_is_evaluated(compose_cfg, tmp_path):
+    import torch
+    from hydra.utils import instantiate
+
+    from genrun.runtime import to_device
+
+    gamma = 8.0
+    base = ["optim=sgd", "sched=constant", *FAST, f"trainer.average={gamma}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    first = train(compose_cfg([*base, "trainer.max_steps=1"]), one)
+    summary = train(compose_cfg([*base, "trainer.max_steps=2"]), two)
+    x1, x2, avg = _ckpt(one)["model"], _ckpt(two)["model"], _ckpt(two)["averager"]
+    assert _ckpt(one)["averager"]["t"] == 2 and avg["t"] == 3  # the next step's t
+    c = (1 + gamma) / (2 + gamma)
+    for k, v in x2.items():
+        expected = v if not v.is_floating_point() else (1 - c) * x1[k] + c * v
+        torch.testing.assert_close(avg["av_model"][k], expected)
+    assert any(not torch.equal(avg["av_model"][k], x2[k]) for k in x2 if x2[k].is_floating_point())
+    # after one step x̄ = x_1; after two, evaluation reads x̄, not the last iterate
+    assert first["final"]["test"]["loss"] == train(compose_cfg([*base[:-1], "trainer.max_steps=1"]), tmp_path)[
+        "final"]["test"]["loss"]
+    cfg = compose_cfg([*base, "trainer.max_steps=2"])
+    task, model = instantiate(cfg.task), instantiate(cfg.model)
+    _, eval_sets = task.datasets()
+    loader = torch.utils.data.DataLoader(eval_sets["test"], batch_size=512)
+    model.load_state_dict(avg["av_model"])
+    on_avg = task.evaluate(model.eval(), loader, lambda b: to_device(b, torch.device("cpu")))
+    model.load_state_dict(x2)
+    on_last = task.evaluate(model.eval(), loader, lambda b: to_device(b, torch.device("cpu")))
+    assert summary["final"]["test"]["loss"] == pytest.approx(on_avg["loss"], rel=1e-6)
+    assert on_avg["loss"] != pytest.approx(on_last["loss"], rel=1e-6)
+
+
+def test_a_resumed_run_continues_its_average(compose_cfg, tmp_path):
+    import torch
+
+    base = ["optim=dog", *FAST, "trainer.average=8", "trainer.batch_size=256", "trainer.max_steps=null",
+            "trainer.epochs=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight.mkdir(), stopped.mkdir()
+    train(compose_cfg(base), straight)
+    train(compose_cfg([*base[:-1], "trainer.epochs=1"]), stopped)  # the first epoch's checkpoint, as if killed
+    resumed = train(compose_cfg([*base, f"trainer.resume={stopped}"]), stopped)
+    a, b = _ckpt(straight)["averager"], _ckpt(stopped)["averager"]
+    assert a["t"] == b["t"] == resumed["step"] + 1
+    assert all(torch.equal(a["av_model"][k], b["av_model"][k]) for k in a["av_model"])
+
+
+def test_only_the_dog_row_evaluates_averaged_weights(compose_cfg):
+    for preset in ("table2", "table2_offline"):
+        rows = {row: compose_cfg([f"+experiment={preset}", f"experiment/table2_row={row}"]).trainer.average
+                for row in ("dog", "gen_sgd", "sgd_cosine", "prodigy")}
+        assert rows == {"dog": 8.0, "gen_sgd": None, "sgd_cosine": None, "prodigy": None}
+    assert compose_cfg([]).trainer.average is None
