@@ -70,6 +70,8 @@ def _report(summary: dict) -> None:
     ]
     if summary.get("message"):
         lines.insert(1, f"  {summary['message']}")
+    if summary.get("warning"):
+        lines.insert(1, f"  warning: {summary['warning']}")
     print("\n".join(lines), file=sys.stderr if summary["status"] != "finished" else sys.stdout)
 
 

@@ -220,6 +220,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "epoch": epoch,
             "total_steps": total_steps,
             "final": results,
+            "warning": task.diagnose(results) if status == "finished" else None,
             "lr": lrs(),
             "gen": _gen_summary(gen),
             "wall_time_s": round(time.perf_counter() - started, 3),

@@ -204,3 +204,28 @@ def test_engine_streams_every_gen_record_even_with_a_short_history(compose_cfg, 
     records = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(12))
     assert summary["gen"]["probes"] == 12 and summary["gen"]["accepted"] == sum(r["accepted"] for r in records)
+
+
+def test_a_run_that_ends_at_chance_finishes_with_a_warning(genrun, tmp_path):
+    dead, alive = tmp_path / "dead", tmp_path / "alive"
+    # one step at a vanishing lr leaves the random network, which guesses one class
+    proc = genrun("optim=sgd", "optim.lr=1e-12", "trainer.max_steps=1", "trainer.progress=off", "logger=none",
+                  f"hydra.run.dir={dead}")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((dead / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["warning"].startswith("test accuracy ")
+    assert "at chance (10 classes)" in summary["warning"]
+    assert f"warning: {summary['warning']}" in proc.stdout
+    proc = genrun(*FAST, "logger=none", f"hydra.run.dir={alive}")
+    assert proc.returncode == 0 and "warning:" not in proc.stdout
+    assert json.loads((alive / "summary.json").read_text())["warning"] is None
+
+
+def test_classification_diagnose_uses_the_chance_rule():
+    from genrun.tasks.base import ClassificationTask
+
+    task = ClassificationTask()
+    task.num_classes = 10
+    assert task.diagnose({"test": {"acc": 0.15, "loss": 2.3}}).startswith("test accuracy 15.0 %")
+    assert task.diagnose({"test": {"acc": 0.151}}) is None and task.diagnose({}) is None
+    assert task.diagnose({"val": {"loss": 2.3}}) is None  # no accuracy, nothing to judge

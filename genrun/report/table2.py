@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from genrun.report.runs import Run
+from genrun.tasks.base import at_chance
 
 # The paper's Table 2 (test accuracy, %), columns in DATASETS order.
 DATASETS = ["cifar10", "cifar100", "food101", "gtsrb", "svhn", "places365", "inat2021"]
@@ -110,15 +111,10 @@ def _acc(run: Run) -> float | None:
     return 100.0 * value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-#: A finished run whose test accuracy is at most this multiple of chance (100 % / classes) is
-#: flagged: a network that predicts one class for everything ends with a finite loss, so the
-#: engine calls it finished (seen: SGD at lr 0.2 on mnist5k, 10 % from the first epoch on).
-CHANCE_FACTOR = 1.5
-
-
 def _at_chance(run: Run) -> bool:
+    """A finished run with a dead network (the rule the engine's warning uses too)."""
     classes, acc = _select(run, "task.num_classes"), _acc(run)
-    return isinstance(classes, int) and classes > 1 and acc is not None and acc <= CHANCE_FACTOR * 100.0 / classes
+    return isinstance(classes, int) and acc is not None and at_chance(acc / 100.0, classes)
 
 
 def collect(runs: list[Run]) -> dict[tuple[str, str], dict[str, Cell]]:

@@ -13,6 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 
+#: Accuracy at most this multiple of chance (1/classes) reads as a dead network: one that
+#: predicts one class for everything ends with a finite loss, so nothing else flags it
+#: (seen: SGD at lr 0.2 on mnist5k, 10 % from the first epoch on).
+CHANCE_FACTOR = 1.5
+
+
+def at_chance(acc: float, num_classes: int) -> bool:
+    """Whether accuracy ``acc`` (a fraction) is within ``CHANCE_FACTOR`` of guessing."""
+    return num_classes > 1 and acc <= CHANCE_FACTOR / num_classes
+
+
 class Task:
     """Base class of every task. Subclasses set `name` and implement the three methods.
 
@@ -21,6 +32,7 @@ class Task:
     `evaluate(model, loader, to_device)` returns metrics averaged over a whole split; the
     default sums `metric_sums` over batches, which suits averages such as accuracy.
     `step_metrics(model)` may add numbers to every logged train record.
+    `diagnose(results)` may return a one-line warning about a finished run's final metrics.
     """
 
     name: str = "task"
@@ -38,6 +50,10 @@ class Task:
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         """Extra numbers for each logged train record (e.g. the iterate of a 2-D function)."""
         return {}
+
+    def diagnose(self, results: dict[str, dict[str, float]]) -> str | None:
+        """A warning when the final metrics show the run learned nothing (None: nothing to say)."""
+        return None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
@@ -57,6 +73,14 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         inputs, labels = batch
         return nn.functional.cross_entropy(model(inputs), labels)
+
+    def diagnose(self, results: dict[str, dict[str, float]]) -> str | None:
+        for split, metrics in results.items():
+            acc = metrics.get("acc")
+            if acc is not None and at_chance(acc, self.num_classes):
+                return (f"{split} accuracy {100 * acc:.1f} % is at chance ({self.num_classes} classes): the network "
+                        "learned nothing or collapsed to one class; metrics.jsonl has its loss and lr per step")
+        return None
 
     def metric_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         inputs, labels = batch
