@@ -37,7 +37,7 @@ from genrun.gen import GeN
 from genrun.models import SmallCNN
 
 PHIS = (1, 2, 4, 8)
-PROFILED_STEPS = 4  # a Chrome trace of a ResNet-18 step is ~1 MB
+PROFILED_STEPS = 4  # few: the trace holds every op and kernel of every step
 SCHEMES = {
     # name: GeN keyword arguments
     "gen (probes -1,+1; slope from grad)": {"points": (-1.0, 0.0, 1.0)},

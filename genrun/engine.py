@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dog import PolynomialDecayAverager
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-
-from dog import PolynomialDecayAverager
 
 from genrun import checkpoint
 from genrun.errors import UserError
