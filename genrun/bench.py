@@ -233,6 +233,10 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (40 if device.type == "cuda" else 200)
+    names = [s.name for s in settings(device)]
+    if args.only and not any(args.only.lower() in name.lower() for name in names):
+        raise SystemExit(f"genrun.bench: error: --only {args.only!r} matches no model on {device.type}; "
+                         f"there: {'; '.join(names)}")
     results = run(device, steps, args.warmup, args.only, args.profile)
     print(markdown(results))
     if args.out:

@@ -33,3 +33,10 @@ def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
     names = {e.get("name") for e in json.loads((prof / "small_cnn_gen_fast.json").read_text())["traceEvents"]}
     assert "aten::_foreach_copy_" in names and "Optimizer.step#SGD.step" in names
     assert "| gen fast, Φ=1 |" in proc.stdout
+
+
+def test_an_only_that_matches_no_model_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "genrun.bench", "--device", "cpu", "--only", "resnet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "genrun.bench: error: --only 'resnet' matches no model on cpu; there: small CNN, SGD, 8x8, B=64"]
