@@ -182,7 +182,10 @@ def run(device: torch.device, steps: int, warmup: int, only: str | None = None,
         params_mb = sum(p.numel() * p.element_size() for p in setting.model().parameters()) / 2**20
         entry = {"name": setting.name, "base": base, "params_mb": params_mb, "rows": rows}
         if profile is not None:
-            entry["profile"] = profile_rows(setting, device, warmup, profile)
+            try:
+                entry["profile"] = profile_rows(setting, device, warmup, profile)
+            except Exception as err:  # noqa: BLE001  the profiler is optional; never lose the timed rows to it
+                entry["profile_error"] = f"{type(err).__name__}: {err}"
         results["settings"].append(entry)
     return results
 
@@ -206,6 +209,8 @@ def markdown(results: dict[str, Any]) -> str:
         for row in s["rows"]:
             lines.append(f"| {row['scheme']} | {row['phi']} | {row['relative_speed']:.2f} | {_num(row['peak_mb'])} |")
         lines.append("")
+        if "profile_error" in s:
+            lines += [f"Profiling failed: {s['profile_error']}", ""]
         if "profile" in s:
             lines += [f"Profiled, per step ({PROFILED_STEPS} steps; op tables and a trace in --profile's folder):", "",
                       "| scheme | wall ms | kernel ms | device idle ms |", "|---|---|---|---|"]

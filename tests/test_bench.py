@@ -40,3 +40,20 @@ def test_an_only_that_matches_no_model_is_a_one_line_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
         "genrun.bench: error: --only 'resnet' matches no model on cpu; there: small CNN, SGD, 8x8, B=64"]
+
+
+def test_a_failing_profiler_keeps_the_timed_rows(tmp_path, monkeypatch):
+    import torch
+
+    from genrun import bench
+
+    def broken(device):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(bench, "PHIS", (1,))
+    monkeypatch.setattr(bench, "_profiler", broken)
+    results = bench.run(torch.device("cpu"), steps=1, warmup=1, profile=tmp_path)
+    (setting,) = results["settings"]
+    assert setting["profile_error"] == "RuntimeError: no profiler here" and "profile" not in setting
+    assert len(setting["rows"]) == 1 + len(bench.SCHEMES) + 1  # floor, each scheme, snapshot=cpu
+    assert "Profiling failed: RuntimeError: no profiler here" in bench.markdown(results)
