@@ -229,3 +229,13 @@ def test_classification_diagnose_uses_the_chance_rule():
     assert task.diagnose({"test": {"acc": 0.15, "loss": 2.3}}).startswith("test accuracy 15.0 %")
     assert task.diagnose({"test": {"acc": 0.151}}) is None and task.diagnose({}) is None
     assert task.diagnose({"val": {"loss": 2.3}}) is None  # no accuracy, nothing to judge
+
+
+def test_package_info_chatter_stays_out_of_the_run_log(genrun, tmp_path):
+    # dog-optimizer logs every state_dict() call at INFO: one line per checkpoint without the config's quieting
+    run_dir = tmp_path / "run"
+    proc = genrun("optim=dog", "trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.progress=off", "logger=none",
+                  f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "ckpt.pt").exists()
+    assert "retrieving DoG state dict" not in (run_dir / "genrun.log").read_text() + proc.stdout + proc.stderr
