@@ -153,9 +153,9 @@ def profile_rows(setting: Setting, device: torch.device, warmup: int, folder: Pa
                                                      trace=folder / f"{slug}_gen_fast.json")}]
     text = [f"{setting.name}: {PROFILED_STEPS} profiled steps each (the profiler slows the host)", ""]
     for row in rows:
-        wall, busy = row["step_s"] * 1e3, row["busy_s"] * 1e3
-        text += [f"## {row['scheme']}: wall {wall:.2f} ms/step, kernels {_num(busy, '.2f')} ms/step, "
-                 f"device idle {_num(wall - busy, '.2f')} ms/step", row.pop("top_ops"), ""]
+        wall, busy, idle = _split_ms(row)
+        text += [f"## {row['scheme']}: wall {wall} ms/step, kernels {busy} ms/step, device idle {idle} ms/step",
+                 row.pop("top_ops"), ""]
     (folder / f"{slug}.txt").write_text("\n".join(text))
     return rows
 
@@ -164,7 +164,7 @@ def run(device: torch.device, steps: int, warmup: int, only: str | None = None,
         profile: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"device": _describe(device), "steps": steps, "settings": []}
     for setting in settings(device):
-        if only and only.lower() not in setting.name.lower():
+        if not _chosen(setting.name, only):
             continue
         base = time_steps(setting, device, steps, warmup)
         rows = []
@@ -196,6 +196,17 @@ def _describe(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def _chosen(name: str, only: str | None) -> bool:
+    """``--only``: a case-insensitive substring of the setting's name (None: every setting)."""
+    return not only or only.lower() in name.lower()
+
+
+def _split_ms(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A profiled row's wall, kernel and device-idle ms per step, formatted ("n/a" without CUDA)."""
+    wall, busy = row["step_s"] * 1e3, row["busy_s"] * 1e3
+    return f"{wall:.2f}", _num(busy, ".2f"), _num(wall - busy, ".2f")
+
+
 def _num(value: float, spec: str = ".0f") -> str:
     return "n/a" if value != value else f"{value:{spec}}"  # NaN: the CPU has no allocator peak or kernel time
 
@@ -215,8 +226,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"Profiled, per step ({PROFILED_STEPS} steps; op tables and a trace in --profile's folder):", "",
                       "| scheme | wall ms | kernel ms | device idle ms |", "|---|---|---|---|"]
             for row in s["profile"]:
-                busy, wall = row["busy_s"] * 1e3, row["step_s"] * 1e3
-                lines.append(f"| {row['scheme']} | {wall:.2f} | {_num(busy, '.2f')} | {_num(wall - busy, '.2f')} |")
+                lines.append(f"| {row['scheme']} | {' | '.join(_split_ms(row))} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -239,7 +249,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (40 if device.type == "cuda" else 200)
     names = [s.name for s in settings(device)]
-    if args.only and not any(args.only.lower() in name.lower() for name in names):
+    if not any(_chosen(name, args.only) for name in names):
         raise SystemExit(f"genrun.bench: error: --only {args.only!r} matches no model on {device.type}; "
                          f"there: {'; '.join(names)}")
     results = run(device, steps, args.warmup, args.only, args.profile)

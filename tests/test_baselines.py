@@ -97,6 +97,8 @@ def _ckpt(run_dir):
 
 
 def test_averaged_weights_follow_the_polynomial_decay_and_are_what_is_evaluated(compose_cfg, tmp_path):
+    from functools import partial
+
     import torch
     from hydra.utils import instantiate
 
@@ -122,10 +124,11 @@ def test_averaged_weights_follow_the_polynomial_decay_and_are_what_is_evaluated(
     task, model = instantiate(cfg.task), instantiate(cfg.model)
     _, eval_sets = task.datasets()
     loader = torch.utils.data.DataLoader(eval_sets["test"], batch_size=512)
+    to_cpu = partial(to_device, device=torch.device("cpu"))
     model.load_state_dict(avg["av_model"])
-    on_avg = task.evaluate(model.eval(), loader, lambda b: to_device(b, torch.device("cpu")))
+    on_avg = task.evaluate(model.eval(), loader, to_cpu)
     model.load_state_dict(x2)
-    on_last = task.evaluate(model.eval(), loader, lambda b: to_device(b, torch.device("cpu")))
+    on_last = task.evaluate(model.eval(), loader, to_cpu)
     assert summary["final"]["test"]["loss"] == pytest.approx(on_avg["loss"], rel=1e-6)
     assert on_avg["loss"] != pytest.approx(on_last["loss"], rel=1e-6)
 
