@@ -7,6 +7,7 @@ jobs go on and the diverged one is recorded as such in its summary.json.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,11 +25,15 @@ _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
 
 
 def _discard_if_unused(run_dir: Path) -> None:
-    """Remove a run dir that holds only what Hydra wrote (a failed start leaves no half run)."""
+    """Remove a run dir that holds only what Hydra wrote (a failed start leaves no half run).
+
+    Its parent goes too when it is the empty date folder of the default `outputs/<date>/<time>`
+    layout; any other parent (a dir the user named, the working dir) stays.
+    """
     if run_dir.is_dir() and not any((run_dir / name).exists() for name in _RUN_FILES):
         shutil.rmtree(run_dir, ignore_errors=True)
         parent = run_dir.parent
-        if parent.is_dir() and not any(parent.iterdir()):
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name) and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
 
 

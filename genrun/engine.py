@@ -61,8 +61,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     model = instantiate(cfg.model).to(device)
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
-    eval_loaders = {
-        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, num_workers=tc.num_workers)
+    eval_loaders = {  # private generators: evaluating must not move the training's random stream
+        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, num_workers=tc.num_workers,
+                          generator=torch.Generator().manual_seed(0))
         for split, data in eval_sets.items()
     }
 
@@ -150,7 +151,12 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     try:
         while step < total_steps:
             sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum)
-            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers))
+            if hasattr(train_set, "set_epoch"):  # PyTorch's convention for data that differs per epoch
+                train_set.set_epoch(epoch)
+            # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
+            # would shift every later draw (dropout, Cloze masks) between a resumed and an unbroken run
+            loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers, generator=loader_rng))
 
             def take() -> list:
                 return [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]

@@ -1,4 +1,4 @@
-"""Models: a small CNN for the offline tasks; torchvision ResNets and timm ViTs for the paper's vision runs."""
+"""Models: a small CNN for the offline tasks; torchvision ResNets and timm ViTs for the paper's vision runs; BERT4Rec."""
 
 from __future__ import annotations
 
@@ -189,3 +189,54 @@ def vit(
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
     _load_into(model, state, "head", "patch_embed.proj.weight", str(pretrained))
     return model
+
+
+# -- sequential recommendation (genrun.tasks.recsys) -------------------------------------------
+
+
+class BERT4Rec(nn.Module):
+    """BERT4Rec (Sun et al., 2019): a bidirectional Transformer encoder over item ids.
+
+    Token ids: 0 pads, 1..num_items are items, num_items + 1 is the mask token. The encoder
+    is BERT's (post-norm, GELU, learned positions, LayerNorm and dropout on the embeddings,
+    N(0, 0.02) initialisation), built from torch's own ``nn.TransformerEncoder``; the output
+    layer is BERT's masked-LM head, a dense-GELU-LayerNorm transform scored against the
+    (shared) item embeddings plus a bias per item. Defaults are the authors' MovieLens-1M
+    settings: d = 64, 2 layers, 2 heads, feed-forward 4d, dropout 0.2, 200 positions.
+    """
+
+    def __init__(self, num_items: int, max_len: int = 200, hidden: int = 64, layers: int = 2, heads: int = 2,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise UserError(f"model.hidden={hidden} must be a multiple of model.heads={heads}")
+        self.num_items = num_items
+        self.items = nn.Embedding(num_items + 2, hidden, padding_idx=0)
+        self.positions = nn.Embedding(max_len, hidden)
+        self.embed_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, activation="gelu",
+                                           layer_norm_eps=1e-12, batch_first=True)
+        # no nested-tensor fast path: evaluation then runs the same kernels as training
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12))
+        self.bias = nn.Parameter(torch.zeros(num_items))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.items.weight[0].zero_()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[B, L, hidden]`` of token ids ``[B, L]`` (left-padded with 0)."""
+        if tokens.shape[1] > self.positions.num_embeddings:
+            raise UserError(f"a sequence of {tokens.shape[1]} tokens exceeds model.max_len="
+                            f"{self.positions.num_embeddings}; set model.max_len >= task.max_len")
+        x = self.items(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.encoder(self.dropout(self.embed_norm(x)), src_key_padding_mask=tokens == 0)
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores ``[..., num_items]`` of items 1..num_items at the given hidden states."""
+        return self.transform(hidden) @ self.items.weight[1:self.num_items + 1].T + self.bias

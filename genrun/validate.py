@@ -7,10 +7,13 @@ unknown groups, options and keys; these rules catch values of the right key but 
 from __future__ import annotations
 
 import inspect
+import re
 from numbers import Real
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from genrun.errors import UserError
 
@@ -83,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key), ok, allowed)
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise UserError("trainer.epochs=0 with trainer.max_steps=null leaves nothing to train: set either >= 1")
+    _check_model_fits_task(cfg)
     gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
     if gen:
         from genrun.gen import GeN
@@ -98,3 +102,24 @@ def validate(cfg: DictConfig) -> None:
         if gen.get("probe_batch") == "next" and gen.get("slope", True):
             raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
                             "the gradient's slope belongs to the training batch, not the probed one")
+
+
+def _check_model_fits_task(cfg: DictConfig) -> None:
+    """A model sizes itself from task keys (`${task.num_classes}`, `${task.num_items}`, ...);
+    a task without them was paired with a model made for another task family."""
+    try:
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except InterpolationKeyError as err:
+        missing = str(err).split("'")[1] if "'" in str(err) else str(err)
+        model = cfg.model.get("_target_", "?").rsplit(".", 1)[-1]
+        fits = ", ".join(models_for(cfg.task)) or "none"
+        raise UserError(f"model ({model}) needs {missing}, which task={cfg.task.name} does not define; "
+                        f"models that fit this task: {fits}") from None
+
+
+def models_for(task: DictConfig) -> list[str]:
+    """The options of the model group whose `${task.*}` keys this task defines."""
+    from genrun.cli import CONF_DIR
+
+    return [path.stem for path in sorted((Path(CONF_DIR) / "model").glob("*.yaml"))
+            if all(key in task for key in re.findall(r"\$\{task\.(\w+)\}", path.read_text()))]

@@ -93,6 +93,15 @@ def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, ove
     assert no_run_dirs(tmp_path)
 
 
+def test_a_failed_start_removes_only_the_folders_hydra_made(genrun, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert genrun("optim.gen.every=0", f"hydra.run.dir={mine / 'run'}").returncode == 2
+    assert mine.is_dir() and not any(mine.iterdir())  # the user's empty folder stays
+    assert genrun("optim.gen.every=0").returncode == 2
+    assert not any((tmp_path / "outputs").iterdir())  # outputs/<date>/<time>: both levels go
+
+
 def test_missing_dataset_names_the_path_and_the_flag(genrun, tmp_path):
     proc = genrun("task=cifar10", f"task.data_dir={tmp_path / 'nowhere'}")
     assert proc.returncode == 2

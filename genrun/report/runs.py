@@ -1,4 +1,4 @@
-"""Reading a sweep's runs: each job's resolved config, summary and logged records."""
+"""Reading a sweep's runs (each job's resolved config, summary and logged records), and figure helpers."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ class Run:
     def status(self) -> str:
         return self.summary.get("status", "unknown")
 
+    def select(self, key: str, default: Any = None) -> Any:
+        """A key of the resolved config, or `default` when absent, null or unresolvable."""
+        try:
+            value = OmegaConf.select(self.cfg, key, default=default)
+        except Exception:  # an interpolation that cannot resolve outside its sweep
+            return default
+        return default if value is None else value
+
+    def final(self, split: str = "test") -> dict[str, Any]:
+        """summary.json's final metrics of `split` ({} if never evaluated)."""
+        return (self.summary.get("final") or {}).get(split) or {}
+
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
@@ -63,3 +75,21 @@ def train_series(run: Run, keys: tuple[str, ...]) -> list[tuple[int, tuple[Any, 
         for rec in run.records
         if rec.get("kind") == "train" and all(k in rec for k in keys)
     ]
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (reports run on headless machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write and close `fig`; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

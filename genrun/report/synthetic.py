@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from genrun.report.runs import Run, train_series
+from genrun.report.runs import Run, pyplot, save_figure, train_series
 
 #: The paper's trajectory snapshots (Figure 6: 40 and 180 iterations; Figure 7: 60 and 40).
 TRAJECTORY_ITERS = {"rosenbrock": (40, 180), "beale": (60, 40)}
@@ -261,10 +261,7 @@ def _lognorm():
 
 
 def figure(function: str, chosen: dict[str, Choice], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fn = _function(function)
     it_all, it_gen = TRAJECTORY_ITERS.get(function, (40, 40))
@@ -282,10 +279,7 @@ def figure(function: str, chosen: dict[str, Choice], path: Path) -> Path:
         _loss_panel(axes[2], chosen, pairs, 200, "GeN-X (solid) vs X (dashed), first 200 iterations")
         _contour_panel(axes[3], fn, chosen, pairs, it_gen, f"trajectories, first {it_gen} iterations")
     fig.suptitle(f"SYNTHETIC: {name} function (cf. the paper's Figure {6 if function == 'rosenbrock' else 7})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- entry point -------------------------------------------------------------------------------

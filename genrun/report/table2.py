@@ -25,11 +25,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
-from typing import Any
 
-from omegaconf import OmegaConf
-
-from genrun.report.runs import Run
+from genrun.report.runs import Run, pyplot, save_figure
 from genrun.tasks.base import at_chance
 
 # The paper's Table 2 (test accuracy, %), columns in DATASETS order.
@@ -71,16 +68,8 @@ GRID_ROWS = {"sgd": ["sgd_constant", "sgd_linear", "sgd_cosine"], "adamw": ["ada
 GEN_ROWS = {"sgd": "gen_sgd", "adamw": "gen_adamw"}
 
 
-def _select(run: Run, key: str, default: Any = None) -> Any:
-    try:
-        value = OmegaConf.select(run.cfg, key, default=default)
-    except Exception:  # an interpolation that cannot resolve outside its sweep
-        return default
-    return default if value is None else value
-
-
 def applies(runs: list[Run]) -> bool:
-    return any(_select(run, "table2.row") for run in runs)
+    return any(run.select("table2.row") for run in runs)
 
 
 class Cell:
@@ -93,7 +82,7 @@ class Cell:
         self.diverged_seeds = sum(r.status == "diverged" for r in runs)
         self.diverged = self.acc is None and self.diverged_seeds > 0
         self.chance_seeds = sum(_at_chance(r) for r in finished)
-        self.lr = _select(runs[0], "optim.lr")
+        self.lr = runs[0].select("optim.lr")
         self.seeds = len(runs)
 
     def text(self) -> str:
@@ -106,14 +95,13 @@ class Cell:
 
 
 def _acc(run: Run) -> float | None:
-    test = (run.summary.get("final") or {}).get("test") or {}
-    value = test.get("acc")
+    value = run.final("test").get("acc")
     return 100.0 * value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def _at_chance(run: Run) -> bool:
     """A finished run with a dead network (the rule the engine's warning uses too)."""
-    classes, acc = _select(run, "task.num_classes"), _acc(run)
+    classes, acc = run.select("task.num_classes"), _acc(run)
     return isinstance(classes, int) and acc is not None and at_chance(acc / 100.0, classes)
 
 
@@ -121,11 +109,11 @@ def collect(runs: list[Run]) -> dict[tuple[str, str], dict[str, Cell]]:
     """(data set, row) -> {lr variant: Cell}."""
     grouped: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
     for run in runs:
-        row = _select(run, "table2.row")
+        row = run.select("table2.row")
         if not row:
             continue
-        task = _select(run, "task.name", "?")
-        grouped[(task, row, _select(run, "table2.lr_variant", "default"))].append(run)
+        task = run.select("task.name", "?")
+        grouped[(task, row, run.select("table2.lr_variant", "default"))].append(run)
     cells: dict[tuple[str, str], dict[str, Cell]] = defaultdict(dict)
     for (task, row, variant), members in grouped.items():
         cells[(task, row)][variant] = Cell(members)
@@ -262,10 +250,7 @@ def _curves(run: Run) -> tuple[list[int], list[float], list[int], list[float]]:
 
 
 def render_figures(cells: dict[tuple[str, str], dict[str, Cell]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     for task in _columns(cells):
@@ -289,11 +274,7 @@ def render_figures(cells: dict[tuple[str, str], dict[str, Cell]], out_dir: Path)
             ax_lr.set(yscale="log", xlabel="step", ylabel="learning rate", title=f"{task}: {half.upper()} half, lr")
             ax_acc.set(xlabel="step", ylabel="test accuracy (%)", title=f"{task}: {half.upper()} half, test accuracy")
             ax_acc.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"table2_curves_{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"table2_curves_{task}.png"))
     return written
 
 
