@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from genrun.errors import UserError
 from genrun.optim import REGISTRY, build_optimizer
-from genrun.validate import validate
+from genrun.validate import models_for, validate
 
 from conftest import options
 
@@ -27,8 +27,12 @@ def test_groups_have_the_contracted_options():
 @pytest.mark.parametrize("task", options("task"))
 def test_every_task_composes_and_builds(compose_cfg, task, tmp_path):
     cfg = compose_cfg([f"task={task}"])
+    fits = models_for(cfg.task)  # the default model (small_cnn) is for image tasks only
+    assert fits, f"no model fits task={task}"
+    overrides = [f"task={task}", f"model={fits[0]}"]
     if "data_dir" in cfg.task:  # point downloadable tasks at an empty dir: building must not read data
-        cfg = compose_cfg([f"task={task}", f"task.data_dir={tmp_path}"])
+        overrides.append(f"task.data_dir={tmp_path}")
+    cfg = compose_cfg(overrides)
     validate(cfg)
     built = instantiate(cfg.task)
     assert built.name == cfg.task.name == task
