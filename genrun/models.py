@@ -199,7 +199,8 @@ class BERT4Rec(nn.Module):
 
     Token ids: 0 pads, 1..num_items are items, num_items + 1 is the mask token. The encoder
     is BERT's (post-norm, GELU, learned positions, LayerNorm and dropout on the embeddings,
-    N(0, 0.02) initialisation), built from torch's own ``nn.TransformerEncoder``; the output
+    truncated N(0, 0.02) embeddings and linear layers; attention's fused input projection
+    keeps torch's Xavier init), built from torch's own ``nn.TransformerEncoder``; the output
     layer is BERT's masked-LM head, a dense-GELU-LayerNorm transform scored against the
     (shared) item embeddings plus a bias per item. Defaults are the authors' MovieLens-1M
     settings: d = 64, 2 layers, 2 heads, feed-forward 4d, dropout 0.2, 200 positions.
