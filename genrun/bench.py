@@ -2,9 +2,9 @@
 
 For each model it times a plain training step (forward, backward, optimizer step) and the
 same step driven by GeN at Φ = 1, 2, 4, 8, and reports relative speed = base step time /
-GeN step time (1.0 is free). It also times the floor of the paper's two-probe scheme: a
-plain step plus two no-grad forwards every Φ steps. Inputs are random tensors (synthetic),
-so the numbers measure compute, not data loading.
+GeN step time (1.0 is free). It also times the floors of the probe schemes: a plain step
+plus two no-grad forwards every Φ steps (the paper's two probes), or one (GeN fast's one
+probe). Inputs are random tensors (synthetic), so the numbers measure compute, not data loading.
 
 CPU: a small CNN on digits-sized input (8x8, batch 64). CUDA: ResNet-18 with SGD and
 ViT-S/16 with AdamW, batch 256, 224x224, fp32 with TF32 matmuls.
@@ -44,6 +44,7 @@ SCHEMES = {
     "gen fast (probe +1; slope from grad)": {"points": (0.0, 1.0), "min_r2": None},
 }
 FAST = "gen fast (probe +1; slope from grad)"
+FLOORS = {2: "two no-grad forwards (floor)", 1: "one no-grad forward (floor of fast)"}  # forwards: name
 
 
 @dataclass
@@ -77,9 +78,11 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
-               gen_kwargs: dict | None = None, floor_every: int | None = None,
+               gen_kwargs: dict | None = None, floor: tuple[int, int] | None = None,
                profile: bool = False, trace: Path | None = None) -> dict[str, Any]:
     """Mean seconds per optimizer step and peak memory for one way of stepping.
+
+    ``floor=(Φ, n)``: a plain step plus n no-grad forwards of the same batch every Φ steps.
 
     With ``profile`` the timed steps run under torch.profiler: ``busy_s`` is the
     device's kernel time per step, ``top_ops`` a table, ``trace`` where a Chrome trace goes.
@@ -104,9 +107,10 @@ def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
             gen.step(closure, loss=loss.detach())
         else:
             opt.step()
-            if floor_every and t % floor_every == 0:
+            if floor and t % floor[0] == 0:
                 with torch.no_grad():
-                    closure(), closure()
+                    for _ in range(floor[1]):
+                        closure()
         opt.zero_grad(set_to_none=True)
 
     for t in range(warmup):
@@ -169,8 +173,9 @@ def run(device: torch.device, steps: int, warmup: int, only: str | None = None,
         base = time_steps(setting, device, steps, warmup)
         rows = []
         for phi in PHIS:
-            floor = time_steps(setting, device, steps, warmup, floor_every=phi)
-            rows.append({"scheme": "two no-grad forwards (floor)", "phi": phi, **floor})
+            for forwards, name in FLOORS.items():
+                rows.append({"scheme": name, "phi": phi, **time_steps(setting, device, steps, warmup,
+                                                                       floor=(phi, forwards))})
             for scheme, kwargs in SCHEMES.items():
                 timed = time_steps(setting, device, steps, warmup, gen_kwargs={"every": phi, **kwargs})
                 rows.append({"scheme": scheme, "phi": phi, **timed})

@@ -7,8 +7,8 @@ import math
 import subprocess
 import sys
 
-SCHEMES = {"two no-grad forwards (floor)", "gen (probes -1,+1; slope from grad)",
-           "gen fast (probe +1; slope from grad)"}
+SCHEMES = {"two no-grad forwards (floor)", "one no-grad forward (floor of fast)",
+           "gen (probes -1,+1; slope from grad)", "gen fast (probe +1; slope from grad)"}
 
 
 def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
@@ -55,5 +55,26 @@ def test_a_failing_profiler_keeps_the_timed_rows(tmp_path, monkeypatch):
     results = bench.run(torch.device("cpu"), steps=1, warmup=1, profile=tmp_path)
     (setting,) = results["settings"]
     assert setting["profile_error"] == "RuntimeError: no profiler here" and "profile" not in setting
-    assert len(setting["rows"]) == 1 + len(bench.SCHEMES) + 1  # floor, each scheme, snapshot=cpu
+    assert len(setting["rows"]) == len(bench.FLOORS) + len(bench.SCHEMES) + 1  # floors, schemes, snapshot=cpu
     assert "Profiling failed: RuntimeError: no profiler here" in bench.markdown(results)
+
+
+def test_a_floor_row_runs_its_forwards_every_phi_steps():
+    import torch
+    from torch import nn
+
+    from genrun import bench
+
+    calls = []
+
+    class Counting(nn.Linear):
+        def forward(self, x):
+            calls.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    setting = bench.Setting("counting", lambda: Counting(4, 3), lambda p: torch.optim.SGD(p, lr=0.1), 2, (4,), 3)
+    for phi, forwards in ((1, 2), (4, 1), (2, 2)):
+        calls.clear()
+        bench.time_steps(setting, torch.device("cpu"), steps=8, warmup=0, floor=(phi, forwards))
+        probes = 8 // phi * forwards
+        assert calls.count(True) == 8 and calls.count(False) == probes  # training forwards, no-grad floors
