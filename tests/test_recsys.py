@@ -297,3 +297,17 @@ def test_a_stopped_and_resumed_run_draws_the_same_masks(genrun, tmp_path):
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, stopped))
     assert a["step"] == b["step"] == 16
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_table7_cells_count_diverged_and_dead_seeds():
+    from pathlib import Path
+
+    from genrun.report.runs import Run
+
+    def run(status, value=None, warning=None):
+        final = {"test": {m: value for m in table7.METRICS}} if value is not None else {}
+        return Run(Path("."), OmegaConf.create({}), {"status": status, "final": final, "warning": warning})
+
+    values, note = table7.cells([run("diverged"), run("finished", 0.5), run("finished", 0.1, "at chance")])
+    assert note == " (1 diverged, 1 at chance)" and values[0] == "0.300 ±0.200"
+    assert table7.cells([run("diverged")]) == (["n/a"] * len(table7.METRICS), " (1 diverged)")

@@ -47,8 +47,9 @@ def cells(members: list[Run]) -> tuple[list[str], str]:
     """The metric cells of one row, and a note on seeds that diverged or finished at chance."""
     finished = [r for r in members if r.status == "finished" and all(m in r.final() for m in METRICS)]
     notes = []
-    if len(finished) < len(members):
-        notes.append(f"{len(members) - len(finished)} diverged")
+    diverged = sum(r.status == "diverged" for r in members)
+    if diverged:
+        notes.append(f"{diverged} diverged")
     if any(r.summary.get("warning") for r in finished):
         notes.append(f"{sum(bool(r.summary.get('warning')) for r in finished)} at chance")
     note = f" ({', '.join(notes)})" if notes else ""
