@@ -64,12 +64,14 @@ def _run(cfg: DictConfig) -> dict | None:
 
 
 def _report(summary: dict) -> None:
-    final = summary["final"].get("test", {})
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    # the test split when the task has one; else every split (GLUE: dev, as it has no labelled test)
+    final = summary["final"]
+    shown = {"test": final["test"]} if "test" in final else final or {"test": {}}
     lr = summary["lr"][0] if summary["lr"] else float("nan")
     lines = [
         f"genrun: {summary['status']} after {summary['step']} steps in {summary['wall_time_s']:.1f} s",
-        f"  test: {metrics or 'not evaluated'}",
+        *(f"  {split}: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items()) or 'not evaluated'}"
+          for split, metrics in shown.items()),
         f"  final lr: {lr:.4g}   peak memory: {summary['peak_memory_mb']:.0f} MB ({summary['device']})",
         f"  run dir: {summary['run_dir']}",
     ]

@@ -63,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
         split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, num_workers=tc.num_workers,
-                          generator=torch.Generator().manual_seed(0))
+                          collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0))
         for split, data in eval_sets.items()
     }
 
@@ -156,7 +156,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
             # would shift every later draw (dropout, Cloze masks) between a resumed and an unbroken run
             loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers, generator=loader_rng))
+            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers,
+                                      collate_fn=getattr(train_set, "collate", None), generator=loader_rng))
 
             def take() -> list:
                 return [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]

@@ -20,7 +20,8 @@ SMALL_TASKS = ["digits", "mnist5k"]
 def test_groups_have_the_contracted_options():
     assert {"sgd", "adamw", "adam", "adagrad", "rmsprop"} <= set(options("optim"))
     assert {f"gen_{b}" for b in ("sgd", "adamw", "adam", "adagrad", "rmsprop")} <= set(options("optim"))
-    assert set(options("sched")) == {"constant", "linear", "cosine", "invsqrt", "inv", "step", "exp", "warmup_cosine"}
+    assert set(options("sched")) == {"constant", "linear", "cosine", "invsqrt", "inv", "step", "exp", "warmup_cosine",
+                                     "warmup_linear"}
     assert {"csv", "wandb", "none"} <= set(options("logger"))
 
 
@@ -53,7 +54,8 @@ def test_offline_tasks_load_real_data_with_a_fixed_split(compose_cfg, task):
     assert len(evals_a["test"]) == math.ceil(0.2 * total)  # scikit-learn rounds the test share up
 
 
-@pytest.mark.parametrize("model", [m for m in options("model") if m not in ("point", "bert4rec")])  # test_synthetic, test_recsys
+# point: test_synthetic; bert4rec: test_recsys; the text models: test_nlu
+@pytest.mark.parametrize("model", [m for m in options("model") if m not in ("point", "bert4rec", "minilm", "roberta_base")])
 @pytest.mark.parametrize("task", SMALL_TASKS)
 def test_every_model_composes_and_runs_forward(compose_cfg, model, task):
     cfg = compose_cfg([f"model={model}", f"task={task}"])
@@ -92,7 +94,7 @@ def test_every_schedule_composes_and_decays_from_c0(compose_cfg, sched):
     total = 100
     values = [factor(t, total=total) for t in range(total + 1)]
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values)
-    if sched != "warmup_cosine":
+    if not sched.startswith("warmup_"):
         assert values[0] == 1.0
     assert max(values) == pytest.approx(1.0)
     if sched != "constant":

@@ -28,7 +28,8 @@ class Task:
     """Base class of every task. Subclasses set `name` and implement the three methods.
 
     `datasets()` returns the training set and a dict of evaluation sets by split name; a
-    training set with `set_epoch(epoch)` (PyTorch's convention) is told each epoch first.
+    training set with `set_epoch(epoch)` (PyTorch's convention) is told each epoch first; a
+    data set with a `collate(items)` method batches its own items (e.g. padding text).
     `loss(model, batch)` is the scalar training objective of one (micro-)batch.
     `evaluate(model, loader, to_device)` returns metrics averaged over a whole split; the
     default sums `metric_sums` over batches, which suits averages such as accuracy.
