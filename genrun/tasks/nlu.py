@@ -266,8 +266,8 @@ class SyntheticSentiment(TextTask):
     draws new sentences from the training adjectives, split ``unseen`` from the held-out ones.
     """
 
-    def __init__(self, tokenizer: str, name: str = "synthetic_sentiment", num_labels: int = 2, max_length: int = 32, train_size: int = 2000,
-                 eval_size: int = 500, unseen_share: float = 0.3, data_seed: int = 0) -> None:
+    def __init__(self, tokenizer: str, name: str = "synthetic_sentiment", num_labels: int = 2, max_length: int = 32,
+                 train_size: int = 2000, eval_size: int = 500, unseen_share: float = 0.3, data_seed: int = 0) -> None:
         if num_labels != 2:
             raise UserError(f"task.num_labels={num_labels}: synthetic_sentiment has 2 classes")
         if not 0 < unseen_share < 1:
