@@ -1,5 +1,6 @@
 """Models: a small CNN for the offline tasks; torchvision ResNets and timm ViTs for the paper's vision
-runs; BERT4Rec; pretrained Hugging Face encoders with a classification head for the text tasks."""
+runs; torchvision's Mask R-CNN for detection; BERT4Rec; pretrained Hugging Face encoders with a
+classification head for the text tasks."""
 
 from __future__ import annotations
 
@@ -195,6 +196,68 @@ def vit(
 
 # -- sequential recommendation (genrun.tasks.recsys) -------------------------------------------
 
+
+MASK_RCNN_BACKBONES = ("resnet18", "resnet34", "resnet50")
+
+
+def mask_rcnn(
+    num_categories: int,
+    backbone: str = "resnet50",
+    pretrained: bool | str = False,
+    min_size: int = 800,
+    max_size: int = 1333,
+    box_features: int = 1024,
+    rpn_samples: int = 256,
+    box_samples: int = 512,
+) -> nn.Module:
+    """torchvision's Mask R-CNN (ResNet-FPN) with box and mask predictors for `num_categories` + background.
+
+    `pretrained`: true loads torchvision's COCO weights (ResNet-50 only; needs internet), a path
+    loads a state_dict of that COCO model; either way the two predictors are then replaced by
+    fresh ones for this task's categories, as torchvision's detection tutorial does. Without
+    pretrained weights the backbone's BatchNorm trains (frozen statistics of an untrained
+    network would be meaningless). `box_features` is the width of the box head's two layers;
+    `min_size`/`max_size` bound the image side the model resizes to; `rpn_samples` and
+    `box_samples` are the anchors and proposals sampled per image for the losses (torchvision's
+    256 and 512; on a CPU with few objects per image, 64 each cut a step's time severalfold).
+    """
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    if backbone not in MASK_RCNN_BACKBONES:
+        raise UserError(f"model.backbone={backbone} is not one of {', '.join(MASK_RCNN_BACKBONES)}")
+    classes = num_categories + 1
+    if pretrained not in (False, None):
+        if backbone != "resnet50":
+            raise UserError(f"model.pretrained={pretrained}: COCO weights exist for backbone=resnet50 only")
+        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=min_size, max_size=max_size,
+                                      rpn_batch_size_per_image=rpn_samples, box_batch_size_per_image=box_samples)
+        if pretrained is True:
+            from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+            try:
+                state = MaskRCNN_ResNet50_FPN_Weights.DEFAULT.get_state_dict(progress=False)
+            except Exception as err:  # URLError, socket errors, HTTP errors: all mean "could not fetch"
+                raise _offline_hint("torchvision Mask R-CNN COCO", err) from err
+        else:
+            state = _read_state_dict(pretrained)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"model.pretrained={pretrained}: not a Mask R-CNN ResNet-50 FPN state_dict "
+                            f"({str(err).splitlines()[0][:120]})") from None
+        model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_head.fc7.out_features, classes)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(256, 256, classes)
+        return model
+    features = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+    resolution = 7  # the box RoI pooling's output side
+    return MaskRCNN(features, min_size=min_size, max_size=max_size, rpn_batch_size_per_image=rpn_samples,
+                    box_batch_size_per_image=box_samples,
+                    box_head=TwoMLPHead(features.out_channels * resolution ** 2, box_features),
+                    box_predictor=FastRCNNPredictor(box_features, classes),
+                    mask_predictor=MaskRCNNPredictor(256, 256, classes))
 
 class BERT4Rec(nn.Module):
     """BERT4Rec (Sun et al., 2019): a bidirectional Transformer encoder over item ids.

@@ -67,3 +67,13 @@ def warmup_linear(t: int, total: int, warmup: float = 0.06) -> float:
     if t < warm:
         return t / warm
     return max(0.0, (total - t) / max(1, total - warm))
+
+
+def warmup_constant(t: int, total: int, warmup: float = 0.05, start: float = 0.001) -> float:
+    """Linear warm-up from `start`·c0 to c0 over the first `warmup`·T steps, then constant c0.
+
+    The "manual" schedule of the paper's Table 5: torchvision's detection tutorial warms up
+    from 0.001·c0 over the first epoch and then keeps the lr.
+    """
+    warm = max(1, round(warmup * total))
+    return start + (1.0 - start) * t / warm if t < warm else 1.0

@@ -21,7 +21,7 @@ def test_groups_have_the_contracted_options():
     assert {"sgd", "adamw", "adam", "adagrad", "rmsprop"} <= set(options("optim"))
     assert {f"gen_{b}" for b in ("sgd", "adamw", "adam", "adagrad", "rmsprop")} <= set(options("optim"))
     assert set(options("sched")) == {"constant", "linear", "cosine", "invsqrt", "inv", "step", "exp", "warmup_cosine",
-                                     "warmup_linear"}
+                                     "warmup_linear", "warmup_constant"}
     assert {"csv", "wandb", "none"} <= set(options("logger"))
 
 
@@ -54,8 +54,11 @@ def test_offline_tasks_load_real_data_with_a_fixed_split(compose_cfg, task):
     assert len(evals_a["test"]) == math.ceil(0.2 * total)  # scikit-learn rounds the test share up
 
 
-# point: test_synthetic; bert4rec: test_recsys; the text models: test_nlu
-@pytest.mark.parametrize("model", [m for m in options("model") if m not in ("point", "bert4rec", "minilm", "roberta_base")])
+# point: test_synthetic; bert4rec: test_recsys; the text models: test_nlu; mask_rcnn: test_detection
+OTHER_FAMILIES = ("point", "bert4rec", "minilm", "roberta_base", "mask_rcnn")
+
+
+@pytest.mark.parametrize("model", [m for m in options("model") if m not in OTHER_FAMILIES])
 @pytest.mark.parametrize("task", SMALL_TASKS)
 def test_every_model_composes_and_runs_forward(compose_cfg, model, task):
     cfg = compose_cfg([f"model={model}", f"task={task}"])
@@ -97,7 +100,7 @@ def test_every_schedule_composes_and_decays_from_c0(compose_cfg, sched):
     if not sched.startswith("warmup_"):
         assert values[0] == 1.0
     assert max(values) == pytest.approx(1.0)
-    if sched != "constant":
+    if sched not in ("constant", "warmup_constant"):
         assert values[-1] < 0.5
 
 
@@ -113,6 +116,8 @@ def test_schedule_values_match_table_8(compose_cfg):
     assert factor("exp")(100, total=100) == pytest.approx(0.01)
     warm = factor("warmup_cosine")
     assert warm(0, total=100) == 0.0 and warm(5, total=100) == pytest.approx(1.0)
+    steady = factor("warmup_constant")  # warm-up over 5 % of T from 0.001, then flat
+    assert steady(0, total=100) == pytest.approx(0.001) and steady(5, total=100) == steady(100, total=100) == 1.0
 
 
 @pytest.mark.parametrize("logger", options("logger"))
