@@ -7,6 +7,7 @@ Fixtures are Penn-Fudan in its real layout: RGB PNGs in PNGImages/ and, in PedMa
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from PIL import Image
 from genrun.errors import DataMissing, UserError
 from genrun.models import mask_rcnn
 from genrun.tasks.detection import PennFudan, SyntheticScenes
+
+from conftest import GENRUN
 
 # per image: (height, width, [(top, left, bottom, right) of each pedestrian, inclusive])
 PEOPLE = [(40, 50, [(5, 4, 30, 15), (10, 30, 35, 44)]), (36, 36, [(2, 2, 20, 12)]),
@@ -203,3 +206,48 @@ def test_table5_preset_composes_both_rows_as_the_tutorial_sets_them(compose_cfg)
         assert ("gen" in cfg.optim) == (row == "gen")
         if row == "manual":
             assert cfg.sched._target_ == "genrun.sched.warmup_constant" and cfg.sched.warmup == 0.5
+
+
+def test_table5_cells_are_mean_and_std_over_seeds_and_skip_empty_size_classes():
+    from omegaconf import OmegaConf
+
+    from genrun.report import table5
+    from genrun.report.runs import Run
+
+    def run(row, seed, ap, ap_l=-1.0, status="finished"):
+        cfg = OmegaConf.create({"task": {"name": "penn_fudan"}, "table5": {"row": row}, "seed": seed})
+        final = {"test": {"bbox_ap": ap, "bbox_ap_s": 0.1, "bbox_ap_m": 0.2, "bbox_ap_l": ap_l,
+                          "segm_ap": ap / 2, "segm_ap_s": 0.1, "segm_ap_m": 0.2, "segm_ap_l": ap_l}}
+        return Run(Path(f"/nonexistent/{row}{seed}"), cfg, {"status": status, "final": final if status == "finished" else {}})
+
+    rows = table5.collect([run("gen", 0, 0.6), run("gen", 1, 0.8), run("manual", 0, 0.5, ap_l=0.7),
+                           run("manual", 1, 0.0, status="diverged")])
+    assert list(rows) == ["manual", "gen"]
+    assert table5.cell(rows["gen"], "bbox_ap") == "0.700 ± 0.141"
+    assert table5.cell(rows["gen"], "bbox_ap_l") == "n/a"  # COCO's -1: no large objects in the test split
+    assert table5.cell(rows["manual"], "bbox_ap_l") == "0.700"
+    text = table5.render_markdown(rows)
+    assert "| manual (warm-up, then constant) | 2 (1 diverged) | 0.500 | 0.100 | 0.200 | 0.700 |" in text
+    assert "| GeN-SGD | | 0.805 ± 0.038 |" in text and "## Segmentation (masks)" in text
+
+
+def test_table5_sweep_and_its_report(genrun, tmp_path):
+    write_penn_fudan(tmp_path / "data")
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "+experiment=table5", f"task.data_dir={tmp_path / 'data'}", "task.test_size=2",
+                  "model.pretrained=false", *TINY[1:5], "trainer.max_steps=1", "trainer.progress=off", "logger=none",
+                  f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    report = subprocess.run([str(GENRUN.with_name("genrun-report")), str(sweep)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    text = (sweep / "table5.md").read_text()
+    assert "Table 5: Mask R-CNN on penn_fudan" in text and "SYNTHETIC" not in text
+    assert "| manual (warm-up, then constant) | 1 |" in text and "| GeN-SGD | 1 |" in text
+    assert (sweep / "table5_curves.png").stat().st_size > 0
+
+
+def test_a_classifier_on_a_detection_task_is_a_one_line_error(genrun, tmp_path):
+    proc = genrun("task=synthetic_scenes", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "models that fit this task: mask_rcnn" in proc.stderr
+    assert not (tmp_path / "run").exists()

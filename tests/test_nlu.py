@@ -370,4 +370,4 @@ def test_table4_offline_sweep_and_its_report(genrun, tmp_path, tiny_bert):
     assert "SYNTHETIC" in text and "| synthetic_sentiment dev | synthetic_sentiment unseen |" in text
     for line in ("| FT | AdamW, warm-up + linear decay | 1 |", "| FT | GeN-AdamW | 1 |", "| BitFit | GeN-AdamW | 1 |"):
         assert line in text
-    assert (sweep / "table4_lr.png").stat().st_size > 0
+    assert (sweep / "table4_curves.png").stat().st_size > 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -75,6 +76,24 @@ def train_series(run: Run, keys: tuple[str, ...]) -> list[tuple[int, tuple[Any, 
         for rec in run.records
         if rec.get("kind") == "train" and all(k in rec for k in keys)
     ]
+
+
+def group_runs(runs: list[Run], key: Callable[[Run], Hashable | None], order: Sequence[Hashable]) -> dict[Any, list[Run]]:
+    """Runs grouped by `key(run)` (None: not part of the table), groups in `order`, unknown keys last."""
+    groups: dict[Any, list[Run]] = defaultdict(list)
+    for run in runs:
+        k = key(run)
+        if k is not None:
+            groups[k].append(run)
+    rank = {k: i for i, k in enumerate(order)}
+    return dict(sorted(groups.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def write_report(out_dir: Path, stem: str, markdown: str, figure: Callable[[Path], Path]) -> list[Path]:
+    """`<stem>.md` with `markdown`, and the figure `figure(path)` draws; both paths."""
+    path = Path(out_dir) / f"{stem}.md"
+    path.write_text(markdown)
+    return [path, figure(Path(out_dir) / f"{stem}_curves.png")]
 
 
 def pyplot():

@@ -13,11 +13,10 @@ Figure: the lr against the step for each (method, row), from the first seed of t
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from genrun.report.runs import Run, pyplot, save_figure
+from genrun.report.runs import Run, group_runs, pyplot, save_figure, write_report
 
 METHODS = {"full": "FT", "bitfit": "BitFit", "lora": "LoRA"}
 ROWS = {"warmup_linear": "AdamW, warm-up + linear decay", "gen": "GeN-AdamW",
@@ -51,12 +50,10 @@ def scores(run: Run) -> dict[str, float]:
 
 
 def collect(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
-    rows: dict[tuple[str, str], list[Run]] = defaultdict(list)
-    for run in runs:
-        if run.select("table4.row"):
-            rows[(run.select("model.finetune", "full"), run.select("table4.row"))].append(run)
-    order = [(m, r) for m in METHODS for r in ROWS]
-    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    def key(run: Run) -> tuple[str, str] | None:
+        return (run.select("model.finetune", "full"), run.select("table4.row")) if run.select("table4.row") else None
+
+    return group_runs(runs, key, [(m, r) for m in METHODS for r in ROWS])
 
 
 def cell(members: list[Run], column: str) -> str:
@@ -114,6 +111,4 @@ def render_figure(rows: dict[tuple[str, str], list[Run]], path: Path) -> Path:
 
 def render(runs: list[Run], out_dir: Path) -> list[Path]:
     rows = collect(runs)
-    path = Path(out_dir) / "table4.md"
-    path.write_text(render_markdown(rows))
-    return [path, render_figure(rows, Path(out_dir) / "table4_lr.png")]
+    return write_report(out_dir, "table4", render_markdown(rows), lambda path: render_figure(rows, path))

@@ -13,11 +13,10 @@ NDCG@10 and Recall@10 against the epoch, from the first seed's metrics.jsonl.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from genrun.report.runs import Run, pyplot, save_figure
+from genrun.report.runs import Run, group_runs, pyplot, save_figure, write_report
 
 METRICS = ["recall@1", "recall@5", "recall@10", "recall@20", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20"]
 # The paper's Table 7 (BERT4Rec, MovieLens-1M, 100 epochs): row -> (batch, metrics in METRICS order).
@@ -36,11 +35,7 @@ def applies(runs: list[Run]) -> bool:
 
 
 def collect(runs: list[Run]) -> dict[str, list[Run]]:
-    rows: dict[str, list[Run]] = defaultdict(list)
-    for run in runs:
-        if run.select("table7.row"):
-            rows[run.select("table7.row")].append(run)
-    return dict(sorted(rows.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
+    return group_runs(runs, lambda run: run.select("table7.row"), ORDER)
 
 
 def cells(members: list[Run]) -> tuple[list[str], str]:
@@ -118,6 +113,4 @@ def render_figure(rows: dict[str, list[Run]], path: Path) -> Path:
 
 def render(runs: list[Run], out_dir: Path) -> list[Path]:
     rows = collect(runs)
-    path = Path(out_dir) / "table7.md"
-    path.write_text(render_markdown(rows))
-    return [path, render_figure(rows, Path(out_dir) / "table7_curves.png")]
+    return write_report(out_dir, "table7", render_markdown(rows), lambda path: render_figure(rows, path))
