@@ -194,7 +194,7 @@ def vit(
     return model
 
 
-# -- sequential recommendation (genrun.tasks.recsys) -------------------------------------------
+# -- detection and segmentation (genrun.tasks.detection) ----------------------------------------
 
 
 MASK_RCNN_BACKBONES = ("resnet18", "resnet34", "resnet50")
@@ -259,6 +259,10 @@ def mask_rcnn(
                     box_predictor=FastRCNNPredictor(box_features, classes),
                     mask_predictor=MaskRCNNPredictor(256, 256, classes))
 
+
+# -- sequential recommendation (genrun.tasks.recsys) -------------------------------------------
+
+
 class BERT4Rec(nn.Module):
     """BERT4Rec (Sun et al., 2019): a bidirectional Transformer encoder over item ids.
 
@@ -306,6 +310,9 @@ class BERT4Rec(nn.Module):
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores ``[..., num_items]`` of items 1..num_items at the given hidden states."""
         return self.transform(hidden) @ self.items.weight[1:self.num_items + 1].T + self.bias
+
+
+# -- text classification (genrun.tasks.nlu) -----------------------------------------------------
 
 
 FINETUNE = ("full", "bitfit", "lora")
