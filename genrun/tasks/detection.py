@@ -36,9 +36,10 @@ AP_KEYS = {"map": "ap", "map_50": "ap50", "map_75": "ap75", "map_small": "ap_s",
            "map_large": "ap_l"}
 
 
-def instances(mask: torch.Tensor, min_pixels: int = 1) -> dict[str, torch.Tensor]:
+def instances(mask: torch.Tensor, min_pixels: int = 1,
+              categories: dict[int, int] | None = None) -> dict[str, torch.Tensor]:
     """A target dict from an instance-id map ``[H, W]`` (0: background): one mask, box and
-    label (1) per id with at least ``min_pixels`` pixels.
+    label (``categories[id]``, default 1) per id with at least ``min_pixels`` pixels.
 
     Boxes run along pixel edges, x2 = last column + 1: a one-pixel-tall object has height 1,
     not the 0 that ``masks_to_boxes``'s inclusive corners give (which COCO cannot match and
@@ -49,7 +50,8 @@ def instances(mask: torch.Tensor, min_pixels: int = 1) -> dict[str, torch.Tensor
     ids = [i for i in torch.unique(mask).tolist() if i != 0 and int((mask == i).sum()) >= min_pixels]
     masks = (mask[None] == torch.tensor(ids, dtype=mask.dtype)[:, None, None]).to(torch.uint8)
     boxes = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0]) if ids else torch.zeros(0, 4)
-    return {"boxes": boxes.float(), "labels": torch.ones(len(ids), dtype=torch.int64), "masks": masks}
+    labels = torch.tensor([categories[i] if categories else 1 for i in ids], dtype=torch.int64)
+    return {"boxes": boxes.float(), "labels": labels, "masks": masks}
 
 
 class Scenes(Dataset):
@@ -128,7 +130,8 @@ def _check_categories(given: int, actual: int, task: str) -> None:
 
 def _split(count: int, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 < test_size < count:
-        raise UserError(f"task.test_size={test_size} is invalid: must be between 1 and {count - 1} (images found: {count})")
+        raise UserError(f"task.test_size={test_size} is invalid: must be between 1 and {count - 1} "
+                        f"(images found: {count})")
     order = np.random.default_rng(seed).permutation(count)
     return np.sort(order[:-test_size]), np.sort(order[-test_size:])
 
@@ -196,23 +199,22 @@ class SyntheticScenes(DetectionTask):
         tint = rng.uniform(0.2, 0.8, size=(3, 1, 1))
         image = tint + 0.2 * (yy * rng.uniform(-1, 1) + xx * rng.uniform(-1, 1)) + rng.normal(0, 0.05, (3, n, n))
         ids = np.zeros((n, n), dtype=np.int64)
-        labels = []
+        categories = {}
         for k in range(rng.integers(1, self.max_objects + 1)):
             h, w = rng.integers(self.sides[0], self.sides[1] + 1, size=2)
             top, left = rng.integers(0, n - h + 1), rng.integers(0, n - w + 1)
             ellipse = bool(rng.integers(2))
-            inside = np.zeros((n, n), dtype=bool)
             if ellipse:
                 cy, cx = top + h / 2, left + w / 2
                 inside = ((yy * n + 0.5 - cy) / (h / 2)) ** 2 + ((xx * n + 0.5 - cx) / (w / 2)) ** 2 <= 1
             else:
+                inside = np.zeros((n, n), dtype=bool)
                 inside[top:top + h, left:left + w] = True
             image[:, inside] = rng.uniform(0, 1, size=(3, 1))
             ids[inside] = k + 1
-            labels.append(2 if ellipse else 1)
-        target = instances(torch.from_numpy(ids), min_pixels=16)  # hidden or nearly hidden shapes are not objects
-        kept = [int(torch.unique(torch.from_numpy(ids)[m.bool()])[0]) for m in target["masks"]]
-        target["labels"] = torch.tensor([labels[i - 1] for i in kept], dtype=torch.int64)
+            categories[k + 1] = 2 if ellipse else 1
+        # hidden or nearly hidden shapes are not objects
+        target = instances(torch.from_numpy(ids), min_pixels=16, categories=categories)
         return torch.from_numpy(np.clip(image, 0, 1)).float(), target
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
