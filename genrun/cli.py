@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -53,9 +54,13 @@ def _run(cfg: DictConfig) -> dict | None:
             group=Path(hc.sweep.dir).name if sweep else None,
             name=hc.job.override_dirname or "defaults",
         )
-    except UserError as err:
+    except (UserError, InstantiationException) as err:
+        # a task's or model's own check fails inside hydra's instantiate, which wraps it
+        cause = err if isinstance(err, UserError) else err.__cause__
+        if not isinstance(cause, UserError):
+            raise
         _discard_if_unused(run_dir)
-        print(f"genrun: error: {err}", file=sys.stderr)
+        print(f"genrun: error: {cause}", file=sys.stderr)
         sys.exit(2)
     _report(summary)
     if summary["status"] == "diverged" and not sweep:

@@ -42,7 +42,8 @@ def _quiet() -> None:
     hub_logging.set_verbosity_error()
 
 
-def _load(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
+def _load(kind: str, loader: Any, name: str, key: str = "model.pretrained", offline: str = "model=minilm",
+          **kwargs: Any) -> Any:
     _quiet()
     path = resolve_pretrained(name)
     local = Path(path).is_dir()
@@ -52,15 +53,15 @@ def _load(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         where = "a local directory with config.json" if local else "the Hugging Face Hub (needs the internet)"
-        raise UserError(f"model.pretrained={name}: cannot load the {kind} from {where} ({first}); "
-                        "offline, use model=minilm or a directory saved with save_pretrained") from None
+        raise UserError(f"{key}={name}: cannot load the {kind} from {where} ({first}); "
+                        f"offline, use {offline} or a directory saved with save_pretrained") from None
 
 
-def load_tokenizer(name: str) -> Any:
-    """The fast tokenizer saved with checkpoint `name`."""
+def load_tokenizer(name: str, key: str = "model.pretrained") -> Any:
+    """The fast tokenizer saved with checkpoint `name` (config key `key`, for errors)."""
     from transformers import AutoTokenizer
 
-    return _load("tokenizer", AutoTokenizer, name)
+    return _load("tokenizer", AutoTokenizer, name, key=key)
 
 
 def load_classifier(name: str, num_labels: int) -> Any:
@@ -69,3 +70,10 @@ def load_classifier(name: str, num_labels: int) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     return _load("model", AutoModelForSequenceClassification, name, num_labels=num_labels)
+
+
+def load_causal_lm(name: str) -> Any:
+    """`AutoModelForCausalLM` from `name` (e.g. `gpt2`), with its language-model head."""
+    from transformers import AutoModelForCausalLM
+
+    return _load("model", AutoModelForCausalLM, name, offline="model=gpt2_tiny (trained from scratch)")

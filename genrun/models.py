@@ -1,10 +1,9 @@
 """Models: a small CNN for the offline tasks; torchvision ResNets and timm ViTs for the paper's vision
-runs; torchvision's Mask R-CNN for detection; BERT4Rec; pretrained Hugging Face encoders with a
-classification head for the text tasks."""
+runs; torchvision's Mask R-CNN for detection; BERT4Rec. The Hugging Face text models (classifier,
+causal LM) are in `genrun.text_models`."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -310,55 +309,3 @@ class BERT4Rec(nn.Module):
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores ``[..., num_items]`` of items 1..num_items at the given hidden states."""
         return self.transform(hidden) @ self.items.weight[1:self.num_items + 1].T + self.bias
-
-
-# -- text classification (genrun.tasks.nlu) -----------------------------------------------------
-
-
-FINETUNE = ("full", "bitfit", "lora")
-
-
-class TextClassifier(nn.Module):
-    """A pretrained Hugging Face encoder with a fresh head: ``model(**tokens)`` returns logits.
-
-    ``finetune`` picks what trains, as in the paper's Table 4:
-    ``full``: every weight; ``bitfit``: the biases and the head (Zaken et al., 2022);
-    ``lora``: rank-``lora_r`` adapters on the attention's query and value projections and the
-    head, through peft (Hu et al., 2022: W + (α/r)·BA, B = 0 at the start). Frozen weights
-    have ``requires_grad=False``, so optimizers and GeN never see them.
-    ``num_labels`` = 1 makes a regression head (STS-B).
-    """
-
-    def __init__(self, pretrained: str, num_labels: int, finetune: str = "full", lora_r: int = 8,
-                 lora_alpha: float = 16.0, lora_dropout: float = 0.1) -> None:
-        super().__init__()
-        from genrun.hf import load_classifier
-
-        if finetune not in FINETUNE:
-            raise UserError(f"model.finetune={finetune} is invalid: must be one of {', '.join(FINETUNE)}")
-        net = load_classifier(pretrained, num_labels)
-        if finetune == "bitfit":
-            head = _head_prefix(net)
-            for name, param in net.named_parameters():
-                param.requires_grad_(name.endswith(".bias") or name.startswith(head))
-        elif finetune == "lora":
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
-                                lora_dropout=lora_dropout, target_modules=["query", "value"])
-            with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5: not the user's to fix
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                net = get_peft_model(net, config)
-        self.net = net
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-
-
-def _head_prefix(net: nn.Module) -> str:
-    """The classification head's parameter prefix: what lies outside the encoder (`net.base_model_prefix`)."""
-    encoder = net.base_model_prefix + "."
-    heads = {name.split(".")[0] for name, _ in net.named_parameters() if not name.startswith(encoder)}
-    if len(heads) != 1:
-        raise UserError(f"model.finetune=bitfit: cannot tell the head of {type(net).__name__} ({sorted(heads)})")
-    return heads.pop() + "."

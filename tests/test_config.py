@@ -54,8 +54,8 @@ def test_offline_tasks_load_real_data_with_a_fixed_split(compose_cfg, task):
     assert len(evals_a["test"]) == math.ceil(0.2 * total)  # scikit-learn rounds the test share up
 
 
-# point: test_synthetic; bert4rec: test_recsys; the text models: test_nlu; mask_rcnn: test_detection
-OTHER_FAMILIES = ("point", "bert4rec", "minilm", "roberta_base", "mask_rcnn")
+# point: test_synthetic; bert4rec: test_recsys; text models: test_nlu, test_nlg; mask_rcnn: test_detection
+OTHER_FAMILIES = ("point", "bert4rec", "minilm", "roberta_base", "mask_rcnn", "gpt2", "gpt2_tiny")
 
 
 @pytest.mark.parametrize("model", [m for m in options("model") if m not in OTHER_FAMILIES])

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from genrun.errors import DataMissing, UserError
 from genrun.hf import resolve_pretrained
-from genrun.models import TextClassifier
+from genrun.text_models import TextClassifier
 from genrun.tasks.nlu import GLUE, NEGATIVE, POSITIVE, Glue, SyntheticSentiment, read_glue, scores
 from genrun.validate import validate
 
@@ -260,7 +260,7 @@ def test_table4_presets_compose_every_row(compose_cfg):
     for task in ("sst2", "mnli", "rte", "qqp"):
         cfg = compose_cfg(["+experiment=table4", f"task={task}", "model.finetune=lora"])
         validate(cfg)
-        assert cfg.model._target_ == "genrun.models.TextClassifier" and cfg.model.pretrained == "roberta-base"
+        assert cfg.model._target_ == "genrun.text_models.TextClassifier" and cfg.model.pretrained == "roberta-base"
         assert cfg.optim.lr == 5e-4 and cfg.trainer.epochs == cfg.table4.epochs[task]
         assert cfg.trainer.batch_size == (256 if task == "qqp" else 128)
 

@@ -96,6 +96,24 @@ def write_report(out_dir: Path, stem: str, markdown: str, figure: Callable[[Path
     return [path, figure(Path(out_dir) / f"{stem}_curves.png")]
 
 
+def lr_and_loss_figure(rows: dict[Any, list[Run]], labels: dict[Any, str], path: Path, *, lr_title: str,
+                       loss_label: str, solid: Sequence[Any] | None = None) -> Path:
+    """Two panels, the lr (log) and the training loss against the step, one line per row from
+    its first run; rows in `solid` are drawn solid and the others dashed (None: all solid)."""
+    plt = pyplot()
+    fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row, members in rows.items():
+        series = train_series(members[0], ("lr", "loss"))
+        steps = [step for step, _ in series]
+        style = "-" if solid is None or row in solid else "--"
+        ax_lr.plot(steps, [values[0][0] for _, values in series], style, label=labels.get(row, row))
+        ax_loss.plot(steps, [values[1] for _, values in series], style, label=labels.get(row, row))
+    ax_lr.set(yscale="log", xlabel="step", ylabel="learning rate", title=lr_title)
+    ax_loss.set(yscale="log", xlabel="step", ylabel=loss_label, title="loss")
+    ax_loss.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (reports run on headless machines)."""
     import matplotlib

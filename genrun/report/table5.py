@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean, stdev
 
-from genrun.report.runs import Run, group_runs, pyplot, save_figure, train_series, write_report
+from genrun.report.runs import Run, group_runs, lr_and_loss_figure, write_report
 
 METRICS = ["ap", "ap_s", "ap_m", "ap_l"]
 LABEL = {"manual": "manual (warm-up, then constant)", "gen": "GeN-SGD"}
@@ -63,17 +63,7 @@ def render_markdown(rows: dict[str, list[Run]]) -> str:
 
 
 def render_figure(rows: dict[str, list[Run]], path: Path) -> Path:
-    plt = pyplot()
-    fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for row, members in rows.items():
-        series = train_series(members[0], ("lr", "loss"))
-        steps = [step for step, _ in series]
-        ax_lr.plot(steps, [values[0][0] for _, values in series], label=LABEL.get(row, row))
-        ax_loss.plot(steps, [values[1] for _, values in series], label=LABEL.get(row, row))
-    ax_lr.set(yscale="log", xlabel="step", ylabel="learning rate", title="lr (Figure 10)")
-    ax_loss.set(yscale="log", xlabel="step", ylabel="training loss (sum of 5)", title="loss")
-    ax_loss.legend(fontsize=8)
-    return save_figure(fig, path)
+    return lr_and_loss_figure(rows, LABEL, path, lr_title="lr (Figure 10)", loss_label="training loss (sum of 5)")
 
 
 def render(runs: list[Run], out_dir: Path) -> list[Path]:

@@ -13,7 +13,7 @@ adjective's polarity, flipped by a negation. Its ``unseen`` split uses adjective
 training set never contains, so only what the pretrained encoder already knows about
 those words can score there.
 
-The model contract (``genrun.models.TextClassifier``): ``model(input_ids=..,
+The model contract (``genrun.text_models.TextClassifier``): ``model(input_ids=..,
 attention_mask=.., [token_type_ids=..])`` returns logits ``[B, num_labels]``.
 """
 
