@@ -31,6 +31,9 @@ def resolve_pretrained(name: str) -> str:
     return str(path)
 
 
+OFFLINE_LM = "model=gpt2_tiny (trained from scratch)"
+
+
 def _quiet() -> None:
     """transformers prints a progress bar per load and a warning for every fresh head; the Hub
     client, offline, a warning per retry. The one-line error below says what failed."""
@@ -57,11 +60,11 @@ def _load(kind: str, loader: Any, name: str, key: str = "model.pretrained", offl
                         f"offline, use {offline} or a directory saved with save_pretrained") from None
 
 
-def load_tokenizer(name: str, key: str = "model.pretrained") -> Any:
-    """The fast tokenizer saved with checkpoint `name` (config key `key`, for errors)."""
+def load_tokenizer(name: str, key: str = "model.pretrained", offline: str = "model=minilm") -> Any:
+    """The fast tokenizer saved with checkpoint `name` (config key `key` and the offline choice, for errors)."""
     from transformers import AutoTokenizer
 
-    return _load("tokenizer", AutoTokenizer, name, key=key)
+    return _load("tokenizer", AutoTokenizer, name, key=key, offline=offline)
 
 
 def load_classifier(name: str, num_labels: int) -> Any:
@@ -76,4 +79,4 @@ def load_causal_lm(name: str) -> Any:
     """`AutoModelForCausalLM` from `name` (e.g. `gpt2`), with its language-model head."""
     from transformers import AutoModelForCausalLM
 
-    return _load("model", AutoModelForCausalLM, name, offline="model=gpt2_tiny (trained from scratch)")
+    return _load("model", AutoModelForCausalLM, name, offline=OFFLINE_LM)

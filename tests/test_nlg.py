@@ -226,6 +226,14 @@ def test_model_settings_that_cannot_work_are_one_line_errors(tiny_gpt2):
     assert scratch.net.config.vocab_size == len(_tokenizer(tiny_gpt2)) and scratch.net.config.n_positions == 80
 
 
+def test_checkpoints_that_cannot_load_point_to_the_offline_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub name fails at once, without the network
+    with pytest.raises(UserError, match=r"task.tokenizer=gpt2: cannot load the tokenizer .* use model=gpt2_tiny"):
+        SyntheticE2E("gpt2", metrics=COCO_FREE, train_mrs=2, eval_mrs=1).datasets()
+    with pytest.raises(UserError, match=r"model.pretrained=.*: cannot load the model from a local directory.*gpt2_tiny"):
+        CausalLM(64, 8, pretrained=str(tmp_path))
+
+
 def test_batched_decoding_from_left_padded_prompts_equals_one_at_a_time(tiny_gpt2):
     task = SyntheticE2E(str(tiny_gpt2), metrics=COCO_FREE, max_new_tokens=6)
     model = CausalLM(64, 6, pretrained=str(tiny_gpt2)).eval()

@@ -145,9 +145,9 @@ class GenerationTask(Task):
     @property
     def tokenizer(self) -> Any:
         if not hasattr(self, "_tokenizer"):
-            from genrun.hf import load_tokenizer
+            from genrun.hf import OFFLINE_LM, load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.tokenizer_name, key="task.tokenizer")
+            self._tokenizer = load_tokenizer(self.tokenizer_name, key="task.tokenizer", offline=OFFLINE_LM)
         return self._tokenizer
 
     def encode(self, pairs: list[tuple[str, str]]) -> Pairs:
