@@ -90,3 +90,15 @@ class ClassificationTask(Task):
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         correct = (logits.argmax(dim=-1) == labels).sum()
         return {"loss": loss, "acc": correct, "count": torch.tensor(labels.numel())}
+
+
+def pad(rows: list[torch.Tensor] | tuple[torch.Tensor, ...], value: int, left: bool = False) -> torch.Tensor:
+    """1-D tensors of different lengths (token ids) stacked into ``[len(rows), longest]``, filled with
+    `value` after each row, or before it when `left` (decoder-only generation)."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=rows[0].dtype)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, out.shape[1] - len(row):] = row
+        else:
+            out[i, :len(row)] = row
+    return out

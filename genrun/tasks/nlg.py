@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataMissing, UserError
-from genrun.tasks.base import Task
+from genrun.tasks.base import Task, pad
 from genrun.tasks.nlg_metrics import METRICS, check_metrics, score
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/archive/v1.0.0.zip"
@@ -96,26 +96,15 @@ class Pairs(Dataset):
         return self.examples[i]
 
     def collate(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in items)
-        batch = {"input_ids": torch.full((len(items), length), self.pad, dtype=torch.long),
-                 "labels": torch.full((len(items), length), IGNORE, dtype=torch.long),
-                 "attention_mask": torch.zeros(len(items), length, dtype=torch.long)}
-        for row, (ids, labels) in enumerate(items):
-            batch["input_ids"][row, :len(ids)] = ids
-            batch["labels"][row, :len(ids)] = labels
-            batch["attention_mask"][row, :len(ids)] = 1
-        return batch
+        ids, labels = zip(*items)
+        return {"input_ids": pad(ids, self.pad), "labels": pad(labels, IGNORE),
+                "attention_mask": pad([torch.ones_like(t) for t in ids], 0)}
 
     def prompts(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Prompts of groups[start:stop], padded on the left as decoder-only generation needs."""
-        chosen = [ids for ids, _ in self.groups[start:stop]]
-        length = max(len(ids) for ids in chosen)
-        batch = {"input_ids": torch.full((len(chosen), length), self.pad, dtype=torch.long),
-                 "attention_mask": torch.zeros(len(chosen), length, dtype=torch.long)}
-        for row, ids in enumerate(chosen):
-            batch["input_ids"][row, length - len(ids):] = torch.tensor(ids)
-            batch["attention_mask"][row, length - len(ids):] = 1
-        return batch
+        chosen = [torch.tensor(ids) for ids, _ in self.groups[start:stop]]
+        return {"input_ids": pad(chosen, self.pad, left=True),
+                "attention_mask": pad([torch.ones_like(t) for t in chosen], 0, left=True)}
 
 
 class GenerationTask(Task):

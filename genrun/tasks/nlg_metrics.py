@@ -11,6 +11,7 @@ Scales follow the paper's Table 3: BLEU and ROUGE-L in %, NIST, METEOR and CIDEr
 from __future__ import annotations
 
 import shutil
+from functools import lru_cache
 
 from genrun.errors import UserError
 
@@ -29,10 +30,11 @@ def check_metrics(metrics: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(metrics)
 
 
-def _tokens(text: str) -> str:
+@lru_cache(maxsize=1)
+def _tokenizer13a():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    return Tokenizer13a()(text.strip())
+    return Tokenizer13a()
 
 
 def score(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...] = METRICS) -> dict[str, float]:
@@ -47,17 +49,21 @@ def score(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...] = MET
         width = max(len(r) for r in refs)
         streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
         out["bleu"] = float(sacrebleu.corpus_bleu(hyps, streams).score)
+    if set(metrics) - {"bleu"}:  # NIST and COCO's scorers read 13a tokens
+        tokenize = _tokenizer13a()
+        hyp_tokens = [tokenize(h.strip()) for h in hyps]
+        ref_tokens = [[tokenize(t.strip()) for t in r] for r in refs]
     if "nist" in metrics:
         from nltk.translate.nist_score import corpus_nist
 
-        tokens = [_tokens(h).split() for h in hyps]
+        words = [t.split() for t in hyp_tokens]
         # n-gram orders no hypothesis reaches add nothing (nltk would divide by their count, 0)
-        order = min(5, max(len(t) for t in tokens))
-        out["nist"] = float(corpus_nist([[_tokens(t).split() for t in r] for r in refs], tokens, n=order)) if order else 0.0
+        order = min(5, max(len(w) for w in words))
+        out["nist"] = float(corpus_nist([[t.split() for t in r] for r in ref_tokens], words, n=order)) if order else 0.0
     coco = [m for m in ("meteor", "rouge_l", "cider") if m in metrics]
     if coco:
-        res = {i: [_tokens(h).lower()] for i, h in enumerate(hyps)}
-        gts = {i: [_tokens(t).lower() for t in r] for i, r in enumerate(refs)}
+        res = {i: [t.lower()] for i, t in enumerate(hyp_tokens)}
+        gts = {i: [t.lower() for t in r] for i, r in enumerate(ref_tokens)}
         for name in coco:
             value = float(_coco_scorer(name).compute_score(gts, res)[0])
             out[name] = 100 * value if name == "rouge_l" else value

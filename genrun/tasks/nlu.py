@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataMissing, UserError
-from genrun.tasks.base import Task
+from genrun.tasks.base import Task, pad
 
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"
 
@@ -117,16 +117,10 @@ class Encoded(Dataset):
         return {**self.examples[i], "labels": self.labels[i]}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        length = max(len(item["input_ids"]) for item in items)
-        batch = {"labels": torch.stack([item["labels"] for item in items])}
-        batch["attention_mask"] = torch.zeros(len(items), length, dtype=torch.long)
+        batch = {"labels": torch.stack([item["labels"] for item in items]),
+                 "attention_mask": pad([torch.ones_like(item["input_ids"]) for item in items], 0)}
         for key in self.keys:
-            batch[key] = torch.full((len(items), length), self.pad_id if key == "input_ids" else 0, dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            for key in self.keys:
-                batch[key][row, :n] = item[key]
+            batch[key] = pad([item[key] for item in items], self.pad_id if key == "input_ids" else 0)
         return batch
 
 
