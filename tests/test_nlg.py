@@ -82,7 +82,7 @@ def test_read_e2e_keeps_quoted_commas_and_unicode_and_every_reference(tmp_path):
     folder = write_e2e(tmp_path)
     pairs = read_e2e(folder / "trainset.csv")
     assert pairs == ROWS  # commas inside quotes, "£", "é" and inner quotes survive
-    data = Pairs(_tokenizer_stub(), pairs, max_length=64)
+    data = Pairs(_Words(), pairs, max_length=64)
     assert [len(refs) for _, refs in data.groups] == [2, 3, 1]  # one group per distinct MR, first-seen order
 
 
@@ -118,10 +118,6 @@ class _Words:
 
     def __call__(self, texts, add_special_tokens=False):
         return {"input_ids": [[self.vocab.setdefault(w, len(self.vocab)) for w in t.split()] for t in texts]}
-
-
-def _tokenizer_stub() -> _Words:
-    return _Words()
 
 
 def test_pairs_mask_the_prompt_end_with_eos_and_pad_each_side_as_needed():
