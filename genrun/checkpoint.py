@@ -76,3 +76,12 @@ def load(target: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"trainer.resume: {path} was not written by genrun (no '{FORMAT}' marker)")
     return payload
+
+
+def rng_of(payload: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Process `rank`'s RNG state; the checkpoint must come from as many processes as now run."""
+    ranks = payload.get("rng_ranks") or [payload["rng"]]
+    if len(ranks) != world:
+        raise UserError(f"trainer.devices={world} but the checkpoint was written by {len(ranks)} process(es); "
+                        f"resume with trainer.devices={len(ranks)}")
+    return ranks[rank]

@@ -2,7 +2,8 @@
 
 Bad input (a UserError) prints one line and exits 2, removing the run dir Hydra had just
 made if the run wrote nothing to it. A diverged single run exits 3; in a sweep the other
-jobs go on and the diverged one is recorded as such in its summary.json.
+jobs go on and the diverged one is recorded as such in its summary.json. Ctrl-C exits 130
+with the command that continues the run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from genrun.errors import UserError
+from genrun.errors import UserError, as_user_error
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
@@ -44,11 +45,11 @@ def _run(cfg: DictConfig) -> dict | None:
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        from genrun.engine import train  # imported late so `--help` and bad configs stay quick
+        from genrun.parallel import launch  # imported late so `--help` and bad configs stay quick
         from genrun.validate import validate
 
         validate(cfg)
-        summary = train(
+        summary = launch(
             cfg,
             run_dir,
             group=Path(hc.sweep.dir).name if sweep else None,
@@ -56,12 +57,17 @@ def _run(cfg: DictConfig) -> dict | None:
         )
     except (UserError, InstantiationException) as err:
         # a task's or model's own check fails inside hydra's instantiate, which wraps it
-        cause = err if isinstance(err, UserError) else err.__cause__
-        if not isinstance(cause, UserError):
+        cause = as_user_error(err)
+        if cause is None:
             raise
         _discard_if_unused(run_dir)
         print(f"genrun: error: {cause}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        _discard_if_unused(run_dir)
+        hint = f"; continue with: genrun trainer.resume={run_dir}" if (run_dir / "ckpt.pt").exists() else ""
+        print(f"\ngenrun: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
     _report(summary)
     if summary["status"] == "diverged" and not sweep:
         sys.exit(3)

@@ -3,7 +3,8 @@
 Read it top to bottom: build the task, model, optimizer (GeN-wrapped or not) and schedule;
 optionally restore a checkpoint; then for each optimizer step run the forward/backward over
 `grad_accum` micro-batches, take the step, log, evaluate and checkpoint. The engine never
-looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`.
+looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`. With
+`trainer.devices > 1` this same loop runs in each data-parallel process (`genrun.parallel`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from genrun import checkpoint
+from genrun import checkpoint, parallel
 from genrun.errors import UserError
 from genrun.gen import GeN
 from genrun.optim import build_optimizer
@@ -45,20 +46,28 @@ log = logging.getLogger("genrun")
 def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
     """Train as `cfg` says, writing metrics, GeN probes, checkpoints and summary.json into `run_dir`.
 
-    Returns the summary; its `status` is "finished" or "diverged".
+    Returns the summary; its `status` is "finished" or "diverged" (an exception, Ctrl-C included,
+    leaves "interrupted" or "failed" in summary.json and propagates).
     """
     started = time.perf_counter()
     tc = cfg.trainer
-    device = pick_device(tc.device)
-    if tc.get("threads"):
-        torch.set_num_threads(tc.threads)
+    rank, world = parallel.rank(), parallel.world()  # 0, 1 unless trainer.devices > 1
+    main = rank == 0  # the process that writes the run's files
+    device = pick_device(tc.device, rank)
+    if tc.get("threads") or world > 1 and device.type == "cpu":
+        torch.set_num_threads(tc.get("threads") or parallel.cpu_threads(world))
     resume = checkpoint.load(tc.resume) if tc.resume else None
     seed_everything(cfg.seed)
 
     # -- the task, the model and the data ------------------------------------------------
-    task = instantiate(cfg.task)
-    train_set, eval_sets = task.datasets()
-    model = instantiate(cfg.model).to(device)
+    with parallel.main_first():  # a download (task.download, Hub weights) happens once, then the others read it
+        task = instantiate(cfg.task)
+        train_set, eval_sets = task.datasets()
+        model = instantiate(cfg.model).to(device)
+    # the training forward goes through DDP; evaluation, metrics and checkpoints use the model itself
+    train_model = parallel.wrap(model, device, tc.get("ddp_find_unused", False))
+    if rank:  # replicas start alike (DDP copies process 0's weights), then draw their own dropout
+        seed_everything(cfg.seed + 1_000_003 * rank)
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
@@ -69,6 +78,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
     # -- optimizer, GeN, schedule, precision ---------------------------------------------
     optimizer, spec = build_optimizer(cfg.optim, model)
+    if spec.create_graph and world > 1:
+        raise UserError(f"trainer.devices={world}: optim={cfg.optim.name} needs second derivatives, which DDP "
+                        "does not all-reduce; train it with trainer.devices=1")
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     gen, probe_next = None, False
     if cfg.optim.get("gen"):
@@ -76,7 +88,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         # "next": probe on the following batch (independent of the one that made d), which
         # is then trained on as usual, so no data is skipped; "same": the training batch.
         probe_next = gen_kwargs.pop("probe_batch", "same") == "next"
-        gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=model,
+        gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=train_model,
                   scaler=scaler if scaler.is_enabled() else None)
     # GeN owns the lr, so a schedule would overwrite it; its T-dependent variant is optim.gen.horizon.
     schedule = None
@@ -107,11 +119,12 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             raise UserError(f"trainer.resume: {tc.resume} does not fit this run's model/optimizer ({first}); "
                             "resume with the overrides the run was started with") from None
         step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
-        checkpoint.set_rng_state(resume["rng"])
-        _drop_records_after(run_dir, step)
+        checkpoint.set_rng_state(checkpoint.rng_of(resume, rank, world))
+        if main:
+            _drop_records_after(run_dir, step)
 
     sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name,
-                                             resume=resume is not None)]
+                                             resume=resume is not None)] if main else []
     gen_logged = gen.probes if gen is not None else 0
 
     def emit(record: dict[str, Any]) -> None:
@@ -135,6 +148,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     def save_checkpoint() -> None:
         if not params_finite(model):  # only ever keep a good checkpoint
             return
+        rngs = parallel.gather(checkpoint.rng_state())  # every process's, to resume each one's stream
+        if not main:
+            return
         checkpoint.save(run_dir / checkpoint.FILENAME, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict() if schedule is not None else None,
@@ -142,15 +158,17 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "gen": gen.state_dict() if gen is not None else None,
             "averager": averager.state_dict() if averager is not None else None,
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "rng": checkpoint.rng_state(),
+            "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
         })
 
     # -- the loop --------------------------------------------------------------------------
     status, message, results = "finished", None, {}
-    bar = tqdm(total=total_steps, initial=step, disable=_progress_disabled(tc.progress), desc="train", unit="step")
+    bar = tqdm(total=total_steps, initial=step, disable=_progress_disabled(tc.progress) or not main,
+               desc="train", unit="step")
     try:
         while step < total_steps:
-            sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum)
+            sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum,
+                                   rank=rank, world=world)
             if hasattr(train_set, "set_epoch"):  # PyTorch's convention for data that differs per epoch
                 train_set.set_epoch(epoch)
             # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
@@ -171,12 +189,13 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 if gen is not None and gen.will_probe:
                     gen.remember_rng()
                 loss = 0.0
-                for batch in micro:
-                    with amp():
-                        micro_loss = task.loss(model, batch) / len(micro)
-                    scaler.scale(micro_loss).backward(create_graph=spec.create_graph)
+                for i, batch in enumerate(micro):
+                    with parallel.no_sync(train_model, last=i == len(micro) - 1):
+                        with amp():
+                            micro_loss = task.loss(train_model, batch) / len(micro)
+                        scaler.scale(micro_loss).backward(create_graph=spec.create_graph)
                     loss += micro_loss.detach()
-                loss_value = float(loss)
+                loss_value = float(parallel.mean(loss))  # every process decides on the same number
                 if not math.isfinite(loss_value):
                     status = "diverged"
                     message = f"loss is {loss_value} at step {step + 1}; the last good checkpoint is kept"
@@ -184,7 +203,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
                 if gen is not None:
                     probe_on = upcoming or micro  # the epoch's last step has no next batch
-                    gen.step(partial(_mean_loss, task, model, probe_on, amp), loss=loss if probe_on is micro else None)
+                    gen.step(partial(_mean_loss, task, train_model, probe_on, amp),
+                             loss=loss if probe_on is micro else None)
                 else:
                     scaler.step(optimizer)
                 scaler.update()
@@ -217,6 +237,10 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 if step < total_steps:
                     epoch, batch_in_epoch = epoch + 1, 0
                 save_checkpoint()
+    except BaseException as err:  # Ctrl-C, a crash: the run did not finish, whatever it had evaluated
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        message = f"{type(err).__name__} at step {step + 1}; resume from the last checkpoint with trainer.resume"
+        raise
     finally:
         bar.close()
         summary = {
@@ -232,9 +256,11 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
             "device": str(device),
+            "devices": world,
             "run_dir": str(run_dir),
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         for sink in sinks:
             sink.close(status)
     return summary

@@ -11,3 +11,10 @@ class UserError(Exception):
 
 class DataMissing(UserError):
     """A data set is not on disk where the task looked for it."""
+
+
+def as_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind `err`: itself, or the cause Hydra's `instantiate` wrapped it in."""
+    if isinstance(err, UserError):
+        return err
+    return err.__cause__ if isinstance(err.__cause__, UserError) else None

@@ -298,13 +298,16 @@ class BERT4Rec(nn.Module):
         with torch.no_grad():
             self.items.weight[0].zero_()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[B, L, hidden]`` of token ids ``[B, L]`` (left-padded with 0)."""
+    def forward(self, tokens: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, L, hidden]`` of token ids ``[B, L]`` (left-padded with 0); with a
+        boolean mask ``at`` ``[B, L]``, the item scores at those positions instead (the training
+        loss goes through forward, so that DDP sees every parameter it uses)."""
         if tokens.shape[1] > self.positions.num_embeddings:
             raise UserError(f"a sequence of {tokens.shape[1]} tokens exceeds model.max_len="
                             f"{self.positions.num_embeddings}; set model.max_len >= task.max_len")
         x = self.items(tokens) + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
-        return self.encoder(self.dropout(self.embed_norm(x)), src_key_padding_mask=tokens == 0)
+        hidden = self.encoder(self.dropout(self.embed_norm(x)), src_key_padding_mask=tokens == 0)
+        return hidden if at is None else self.item_logits(hidden[at])
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores ``[..., num_items]`` of items 1..num_items at the given hidden states."""

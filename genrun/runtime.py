@@ -16,12 +16,13 @@ from genrun.errors import UserError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, rank: int = 0) -> torch.device:
+    """The device of process `rank` (data-parallel process r uses GPU r)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    return torch.device(name)
+    return torch.device("cuda", rank) if name == "cuda" else torch.device(name)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -49,16 +50,24 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 class EpochBatches(Sampler[list[int]]):
     """Shuffled index batches for one epoch, reproducible from (seed, epoch), optionally
-    starting at batch `start` so a resumed run sees exactly the batches it had not seen."""
+    starting at batch `start` so a resumed run sees exactly the batches it had not seen.
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0) -> None:
-        self.size, self.batch_size, self.start = size, batch_size, start
+    With `world` data-parallel processes, process `rank` takes every `world`-th index of each
+    batch, so the processes together see exactly the batches one process would. A batch
+    smaller than `world` (an epoch's last) lends its first items to the processes it cannot
+    fill: every process needs an example for the gradient all-reduce.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.size, self.batch_size, self.start, self.rank, self.world = size, batch_size, start, rank, world
         self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.size, generator=self.generator).tolist()
         for first in range(self.start * self.batch_size, self.size, self.batch_size):
-            yield order[first : first + self.batch_size]
+            batch = order[first : first + self.batch_size]
+            yield batch[self.rank :: self.world] or [batch[self.rank % len(batch)]]
 
     def __len__(self) -> int:
         return max(0, -(-self.size // self.batch_size) - self.start)

@@ -51,6 +51,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.num_workers", _int_at_least(0), "an integer >= 0"),
     ("trainer.threads", _optional(_int_at_least(1)), "null (torch's default) or an integer >= 1"),
     ("trainer.device", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ("trainer.devices", _int_at_least(1), "an integer >= 1"),
+    ("trainer.ddp_find_unused", _one_of(True, False), "true or false"),
     ("trainer.precision", _one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     ("trainer.progress", _one_of("auto", "on", "off", True, False), "auto, on or off"),
     ("trainer.average", _optional(lambda v: _real(v) and v >= 0), "null (the last iterate) or a number >= 0, e.g. 8"),
@@ -86,6 +88,10 @@ def validate(cfg: DictConfig) -> None:
         _check(key, OmegaConf.select(cfg, key), ok, allowed)
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise UserError("trainer.epochs=0 with trainer.max_steps=null leaves nothing to train: set either >= 1")
+    tc = cfg.trainer
+    if tc.batch_size % tc.devices:
+        raise UserError(f"trainer.batch_size={tc.batch_size} does not split over trainer.devices={tc.devices}: "
+                        "make it a multiple")
     _check_model_fits_task(cfg)
     gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
     if gen:

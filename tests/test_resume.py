@@ -64,3 +64,28 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(genrun, tmp_path):
     # the log reads as one run: each step once, lr and GeN probes as in the uninterrupted run
     assert records(straight, "metrics.jsonl") == records(stopped, "metrics.jsonl")
     assert records(straight, "gen.jsonl") == records(stopped, "gen.jsonl")
+
+
+def test_ctrl_c_records_an_interrupted_run_that_resume_finishes(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(GENRUN), *ARGS, "logger=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "ckpt.pt").exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == f"genrun: interrupted; continue with: genrun trainer.resume={run_dir}"
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] < summary["total_steps"]
+
+    done = genrun(f"trainer.resume={run_dir}")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

@@ -20,7 +20,8 @@ procedural, offline one (``synthetic_seqrec``). Masks are a function of (seed, e
 user), so runs and resumed runs repeat exactly.
 
 The model contract (``genrun.models.BERT4Rec``): ``model(tokens)`` returns hidden states
-``[B, L, d]`` and ``model.item_logits(h)`` the scores of items 1..n.
+``[B, L, d]``, ``model.item_logits(h)`` the scores of items 1..n, and ``model(tokens, at=mask)``
+the scores at the masked positions (the training loss, one forward for DDP).
 """
 
 from __future__ import annotations
@@ -159,8 +160,7 @@ class SequentialRecTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         tokens, labels = batch
-        hidden = model(tokens)[labels != PAD]
-        return nn.functional.cross_entropy(model.item_logits(hidden), labels[labels != PAD] - 1)
+        return nn.functional.cross_entropy(model(tokens, at=labels != PAD), labels[labels != PAD] - 1)
 
     def metric_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         tokens, candidates = batch

@@ -1,0 +1,156 @@
+"""Data-parallel training on one machine: `trainer.devices=N` processes, one per GPU.
+
+The Hydra job spawns N processes and waits for them. Each builds the same task and model,
+wraps the model in DistributedDataParallel (NCCL on GPUs, gloo on the CPU) and trains on its
+share of every batch; process 0 writes the run's files. GeN averages its probe losses over
+the processes, so every replica takes the same lr (genrun.gen.distributed).
+
+Outside a process group every helper here is the single-process identity, so the engine
+reads the same with one process or many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from genrun.errors import UserError, as_user_error
+
+
+
+def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Train with `cfg.trainer.devices` processes; return process 0's summary."""
+    from genrun.engine import train
+
+    devices = cfg.trainer.devices
+    if devices == 1:
+        return train(cfg, run_dir, group=group, name=name)
+    check_devices(cfg.trainer.device, devices)
+    # resolved here: the processes have no Hydra context for ${hydra:...} or ${now:...}
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    errors = mp.get_context("spawn").SimpleQueue()
+    # torch logs a warning as it stops the other processes after one failed: the error says it all
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors),
+                           nprocs=devices, start_method="spawn")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        if not errors.empty():  # a process met bad input; the others were stopped
+            raise UserError(errors.get()) from None
+        raise
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def check_devices(device: str, devices: int) -> None:
+    """One process per GPU: there must be `devices` GPUs when training on them."""
+    from genrun.runtime import pick_device
+
+    if pick_device(device).type == "cuda" and devices > torch.cuda.device_count():
+        raise UserError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; "
+                        f"set trainer.devices <= {torch.cuda.device_count()}")
+
+
+def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
+            group: str | None, name: str | None, errors: Any) -> None:
+    from genrun.engine import train
+    from genrun.runtime import pick_device
+
+    device = pick_device(cfg.trainer.device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train(cfg, run_dir, group=group, name=name)
+    except Exception as err:  # noqa: BLE001 - only bad input is turned into a message; the rest re-raises
+        user = explain(err)
+        if user is None:
+            raise
+        errors.put(str(user))
+        sys.exit(2)  # a non-zero exit makes the launcher stop the other processes
+    finally:
+        dist.destroy_process_group()
+
+
+def explain(err: BaseException) -> UserError | None:
+    """The one-line error for what a process met: bad input, or DDP finding unused parameters."""
+    if isinstance(err, RuntimeError) and "find_unused_parameters=True" in str(err):
+        return UserError("the model has trainable parameters that get no gradient in a step, which DDP "
+                         "must be told of: set trainer.ddp_find_unused=true")
+    return as_user_error(err)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- what the engine calls; identities without a process group ---------------------------
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def cpu_threads(devices: int) -> int:
+    """Torch threads per process when N processes share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // devices)
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Process 0 runs the block first (it may download files), then the others."""
+    if rank() > 0:
+        dist.barrier()
+    yield
+    if world() > 1 and rank() == 0:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    """The model the training forward calls: DDP around `model` when there are processes."""
+    if world() == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    if last or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the processes (a copy; `value` itself is left alone)."""
+    value = value.detach().clone()
+    if world() > 1:
+        dist.all_reduce(value)
+        value /= world()
+    return value
+
+
+def gather(obj: Any) -> list[Any]:
+    """`obj` of every process, in rank order ([obj] with one process)."""
+    if world() == 1:
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,165 @@
+"""`trainer.devices=N`: N data-parallel processes (gloo on this CPU) train like one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GENRUN
+from genrun.checkpoint import rng_of
+from genrun.errors import UserError
+from genrun.runtime import EpochBatches
+
+QUIET = ["trainer.progress=off", "logger=none"]
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("size,batch,world", [(10, 4, 2), (9, 4, 2), (9, 4, 3), (7, 6, 4), (5, 4, 4)])
+def test_the_processes_shards_make_up_each_batch(size, batch, world):
+    whole = list(EpochBatches(size, batch, seed=3, epoch=1))
+    shards = [list(EpochBatches(size, batch, seed=3, epoch=1, rank=r, world=world)) for r in range(world)]
+    assert all(len(s) == len(whole) for s in shards)  # every process takes every step
+    for step, full in enumerate(whole):
+        parts = [s[step] for s in shards]
+        assert all(parts)  # no process is left without an example
+        seen = [i for part in parts for i in part]
+        assert set(seen) == set(full)
+        if len(full) >= world:  # a full batch: disjoint shards, sizes within one
+            assert sorted(seen) == sorted(full) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
+    # no BatchNorm or dropout in the small CNN: the mean of the two shards' gradients is the
+    # batch gradient, so only float rounding separates the runs (it grows over many steps)
+    args = [*QUIET, "trainer.max_steps=12", "trainer.batch_size=32", f"trainer.grad_accum={accum}"]
+    for devices in (1, 2):
+        proc = genrun(*args, f"trainer.devices={devices}", f"hydra.run.dir={tmp_path / str(devices)}")
+        assert proc.returncode == 0, proc.stderr
+    one, two = _train_records(tmp_path / "1"), _train_records(tmp_path / "2")
+    assert [r["step"] for r in two] == list(range(1, 13))  # one process writes; each step once
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert [lr for r in two for lr in r["lr"]] == pytest.approx([lr for r in one for lr in r["lr"]], rel=1e-4)
+    gen_one, gen_two = ((tmp_path / d / "gen.jsonl").read_text().splitlines() for d in "12")
+    assert len(gen_two) == len(gen_one) == 3
+    summary = json.loads((tmp_path / "2" / "summary.json").read_text())
+    assert summary["devices"] == 2 and summary["status"] == "finished" and summary["step"] == 12
+
+
+def test_two_process_bert4rec_stopped_and_resumed_matches_an_unbroken_run(genrun, tmp_path):
+    # dropout and Cloze masks draw from each process's own RNG; checkpoints carry every process's
+    # state, and BERT4Rec's scores go through forward (DDP sees every parameter it uses)
+    args = ["task=synthetic_seqrec", "task.users=60", "model=bert4rec", "model.hidden=16", "model.layers=1",
+            "model.dropout=0.1", "trainer.batch_size=8", "trainer.epochs=2", "trainer.devices=2",
+            "optim=gen_adam", "optim.gen.horizon=none", *QUIET]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert genrun(*args, f"hydra.run.dir={straight}").returncode == 0
+    assert genrun(*args, "trainer.max_steps=5", f"hydra.run.dir={stopped}").returncode == 0
+    proc = genrun(f"trainer.resume={stopped}", "trainer.max_steps=null")
+    assert proc.returncode == 0, proc.stderr
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, stopped))
+    assert a["step"] == b["step"] == 16 and len(a["rng_ranks"]) == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _train_records(straight) == _train_records(stopped)
+
+    proc = genrun(f"trainer.resume={stopped}", "trainer.devices=1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("genrun: error: trainer.devices=1 but the checkpoint was written by 2 "
+                                   "process(es); resume with trainer.devices=2")
+
+
+def test_a_checkpoint_holds_the_state_of_as_many_processes_as_resume_it():
+    one = {"rng": "r0", "rng_ranks": None}
+    two = {"rng": "r0", "rng_ranks": ["r0", "r1"]}
+    assert rng_of(one, 0, 1) == "r0" and rng_of(two, 1, 2) == "r1"
+    with pytest.raises(UserError, match="trainer.devices=2 but the checkpoint was written by 1"):
+        rng_of(one, 0, 2)
+
+
+def test_bad_input_met_inside_the_processes_is_one_line_and_leaves_no_run(genrun, tmp_path):
+    proc = genrun("task=cifar10", f"task.data_dir={tmp_path / 'nowhere'}", "trainer.devices=2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"genrun: error: task.data_dir: no CIFAR-10 at {tmp_path / 'nowhere' / 'cifar-10-batches-py'}; run with "
+        f"task.download=true (needs internet) or extract cifar-10-python.tar.gz into {tmp_path / 'nowhere'}"]
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_batch_size_must_split_over_the_processes(genrun):
+    proc = genrun("trainer.devices=2", "trainer.batch_size=63")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("genrun: error: trainer.batch_size=63 does not split over trainer.devices=2: "
+                                   "make it a multiple")
+
+
+def test_second_derivative_optimizers_refuse_several_processes(genrun):
+    proc = genrun("optim=adahessian", "trainer.devices=2", *QUIET)
+    assert proc.returncode == 2
+    assert "trainer.devices=2: optim=adahessian needs second derivatives" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """(state, parent pid, ...) of a Linux process; None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(p.name) or [0, 0])[1] == str(pid)]
+
+
+def test_killing_the_launcher_ends_its_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(GENRUN), *QUIET, "trainer.devices=2", "trainer.epochs=50", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "ckpt.pt").exists():  # the processes are training
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(map(_stat, workers)):
+            time.sleep(0.05)
+        assert not any(map(_stat, workers))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ddps_unused_parameter_error_names_the_key(tmp_path):
+    from genrun.parallel import explain
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = torch.nn.ModuleDict({"used": torch.nn.Linear(2, 1), "unused": torch.nn.Linear(2, 1)})
+        net.forward = lambda x: net["used"](x)
+        for find_unused in (False, True):  # DDP's own error, then what the key turns on
+            model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=find_unused)
+            try:
+                for _ in range(2):
+                    model(torch.ones(3, 2)).sum().backward()
+            except RuntimeError as err:
+                assert not find_unused
+                assert "set trainer.ddp_find_unused=true" in str(explain(err))
+            else:
+                assert find_unused
+    finally:
+        torch.distributed.destroy_process_group()
