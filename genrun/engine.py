@@ -32,6 +32,7 @@ from genrun.optim import build_optimizer
 from genrun.runtime import (
     EpochBatches,
     autocast,
+    loader_workers,
     params_finite,
     peak_memory_mb,
     pick_device,
@@ -70,8 +71,11 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         seed_everything(cfg.seed + 1_000_003 * rank)
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    # data are a function of (seed, epoch, index), never of the worker that loads them: any count
+    # of workers gives the same run
+    loading = {"num_workers": loader_workers(tc.num_workers, device, world), "pin_memory": device.type == "cuda"}
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
-        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, num_workers=tc.num_workers,
+        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, **loading,
                           collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0))
         for split, data in eval_sets.items()
     }
@@ -174,7 +178,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
             # would shift every later draw (dropout, Cloze masks) between a resumed and an unbroken run
             loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            batches = iter(DataLoader(train_set, batch_sampler=sampler, num_workers=tc.num_workers,
+            batches = iter(DataLoader(train_set, batch_sampler=sampler, **loading,
                                       collate_fn=getattr(train_set, "collate", None), generator=loader_rng))
 
             def take() -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import resource
 from typing import Any, Iterator
@@ -71,6 +72,14 @@ class EpochBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, -(-self.size // self.batch_size) - self.start)
+
+
+def loader_workers(setting: int | str, device: torch.device, devices: int) -> int:
+    """DataLoader workers per process: `auto` feeds a GPU from min(8, cores/devices) workers and
+    keeps the CPU's cores for compute (workers there would take them from the model)."""
+    if setting != "auto":
+        return int(setting)
+    return min(8, (os.cpu_count() or 1) // devices) if device.type == "cuda" else 0
 
 
 def peak_memory_mb(device: torch.device) -> float:

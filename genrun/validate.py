@@ -48,7 +48,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.eval_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
     ("trainer.log_every", _int_at_least(1), "an integer >= 1"),
     ("trainer.ckpt_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
-    ("trainer.num_workers", _int_at_least(0), "an integer >= 0"),
+    ("trainer.num_workers", lambda v: v == "auto" or _int_at_least(0)(v), "auto or an integer >= 0"),
     ("trainer.threads", _optional(_int_at_least(1)), "null (torch's default) or an integer >= 1"),
     ("trainer.device", _one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("trainer.devices", _int_at_least(1), "an integer >= 1"),

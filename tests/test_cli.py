@@ -81,7 +81,8 @@ def test_unknown_group_option_names_the_valid_ones(genrun, tmp_path):
 @pytest.mark.parametrize(
     "override",
     ["optim.gen.every=0", "optim.gen.smoothing=1.5", "trainer.batch_size=-1", "optim.gen.horizon=bogus",
-     "trainer.threads=0", "trainer.average=-1", "trainer.devices=0", "trainer.ddp_find_unused=maybe"],
+     "trainer.threads=0", "trainer.average=-1", "trainer.devices=0", "trainer.ddp_find_unused=maybe",
+     "trainer.num_workers=many"],
 )
 def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, override):
     proc = genrun(override)

@@ -1,4 +1,5 @@
-"""`trainer.devices=N`: N data-parallel processes (gloo on this CPU) train like one process."""
+"""Processes: `trainer.devices=N` data-parallel processes (gloo on this CPU) train like one process;
+DataLoader workers change nothing."""
 
 from __future__ import annotations
 
@@ -54,6 +55,29 @@ def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
     assert len(gen_two) == len(gen_one) == 3
     summary = json.loads((tmp_path / "2" / "summary.json").read_text())
     assert summary["devices"] == 2 and summary["status"] == "finished" and summary["step"] == 12
+
+
+@pytest.mark.parametrize("task", [
+    ["task=digits"],
+    ["task=synthetic_seqrec", "task.users=60", "model=bert4rec", "model.hidden=16", "model.layers=1"],
+])
+def test_loader_workers_do_not_change_the_run(genrun, tmp_path, task):
+    # batches are a function of (seed, epoch, index); Cloze masks of (seed, epoch, user)
+    for workers in (0, 2):
+        proc = genrun(*task, *QUIET, "trainer.max_steps=8", "trainer.batch_size=16",
+                      f"trainer.num_workers={workers}", f"hydra.run.dir={tmp_path / str(workers)}")
+        assert proc.returncode == 0, proc.stderr
+    assert _train_records(tmp_path / "0") == _train_records(tmp_path / "2")
+
+
+def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):
+    from genrun.runtime import loader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert loader_workers("auto", torch.device("cpu"), 1) == 0
+    assert loader_workers("auto", torch.device("cuda", 0), 1) == 8
+    assert loader_workers("auto", torch.device("cuda", 1), 8) == 4
+    assert loader_workers(3, torch.device("cpu"), 1) == 3
 
 
 def test_two_process_bert4rec_stopped_and_resumed_matches_an_unbroken_run(genrun, tmp_path):
