@@ -8,6 +8,7 @@ with the command that continues the run.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -41,11 +42,13 @@ def _discard_if_unused(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _run(cfg: DictConfig) -> dict | None:
+    from genrun.parallel import launch, rank, shared_path  # imported late so `--help` stays quick
+
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
+    run_dir = shared_path(Path(hc.runtime.output_dir))  # under torchrun: rank 0's, on every rank
     sweep = hc.mode == RunMode.MULTIRUN
+    who = "genrun" if rank() == 0 else f"genrun (rank {rank()})"
     try:
-        from genrun.parallel import launch  # imported late so `--help` and bad configs stay quick
         from genrun.validate import validate
 
         validate(cfg)
@@ -60,14 +63,19 @@ def _run(cfg: DictConfig) -> dict | None:
         cause = as_user_error(err)
         if cause is None:
             raise
-        _discard_if_unused(run_dir)
-        print(f"genrun: error: {cause}", file=sys.stderr)
+        if rank() == 0:
+            _discard_if_unused(run_dir)
+        print(f"{who}: error: {cause}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        if rank() > 0:
+            sys.exit(130)
         _discard_if_unused(run_dir)
         hint = f"; continue with: genrun trainer.resume={run_dir}" if (run_dir / "ckpt.pt").exists() else ""
         print(f"\ngenrun: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
+    if rank() > 0:  # rank 0 reports
+        return summary
     _report(summary)
     if summary["status"] == "diverged" and not sweep:
         sys.exit(3)
@@ -115,8 +123,30 @@ def _route_resume(argv: list[str]) -> list[str]:
     return [*kept, *argv, *run_dir_arg]
 
 
+#: Under torchrun, ranks > 0 let rank 0's Hydra make the run dir, write .hydra/ and the log.
+OTHER_RANKS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+               "hydra/hydra_logging=disabled"]
+
+
+def _join_torchrun(argv: list[str]) -> list[str]:
+    if "-m" in argv or "--multirun" in argv:
+        print("genrun: error: -m under torchrun: start one torchrun per job, or sweep with "
+              "trainer.devices=N instead of torchrun", file=sys.stderr)
+        sys.exit(2)
+    from genrun import parallel
+
+    parallel.join_torchrun()
+    if parallel.rank() == 0:
+        return argv
+    mine = {_key(o) for o in OTHER_RANKS}
+    return [*(a for a in argv if _key(a) not in mine), *OTHER_RANKS]
+
+
 def main() -> None:
-    sys.argv = [sys.argv[0], *_route_resume(sys.argv[1:])]
+    argv = _route_resume(sys.argv[1:])
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's variables
+        argv = _join_torchrun(argv)
+    sys.argv = [sys.argv[0], *argv]
     try:
         _run()
     except ValueError as err:

@@ -54,7 +54,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     tc = cfg.trainer
     rank, world = parallel.rank(), parallel.world()  # 0, 1 unless trainer.devices > 1
     main = rank == 0  # the process that writes the run's files
-    device = pick_device(tc.device, rank)
+    device = pick_device(tc.device, parallel.local_rank())
     if tc.get("threads") or world > 1 and device.type == "cpu":
         torch.set_num_threads(tc.get("threads") or parallel.cpu_threads(world))
     resume = checkpoint.load(tc.resume) if tc.resume else None

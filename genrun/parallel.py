@@ -1,9 +1,13 @@
-"""Data-parallel training on one machine: `trainer.devices=N` processes, one per GPU.
+"""Data-parallel training: `trainer.devices=N` processes on this machine, or torchrun's.
 
-The Hydra job spawns N processes and waits for them. Each builds the same task and model,
-wraps the model in DistributedDataParallel (NCCL on GPUs, gloo on the CPU) and trains on its
-share of every batch; process 0 writes the run's files. GeN averages its probe losses over
-the processes, so every replica takes the same lr (genrun.gen.distributed).
+`trainer.devices=N`: the Hydra job spawns N processes and waits for them. Under torchrun
+(`torchrun --nproc_per_node=N -m genrun.cli ...`, one or several machines), every process
+runs the `genrun` command itself: all join torchrun's process group before Hydra starts, and
+ranks > 0 leave the run dir to rank 0 (DESIGN: Hydra would make one per rank). Either way
+each process builds the same task and model, wraps the model in DistributedDataParallel
+(NCCL for GPU tensors, gloo for CPU ones) and trains on its share of every batch; process 0
+writes the run's files. GeN averages its probe losses over the processes, so every replica
+takes the same lr (genrun.gen.distributed).
 
 Outside a process group every helper here is the single-process identity, so the engine
 reads the same with one process or many.
@@ -35,6 +39,9 @@ def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: st
     from genrun.engine import train
 
     devices = cfg.trainer.devices
+    if dist.is_initialized() and devices > 1:
+        raise UserError(f"trainer.devices={devices} under torchrun: torchrun starts the processes "
+                        "(--nproc_per_node); leave trainer.devices=1")
     if devices == 1:
         return train(cfg, run_dir, group=group, name=name)
     check_devices(cfg.trainer.device, devices)
@@ -67,11 +74,10 @@ def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
     from genrun.engine import train
     from genrun.runtime import pick_device
 
-    device = pick_device(cfg.trainer.device, rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    os.environ["LOCAL_RANK"] = str(rank)  # one machine: the local rank is the rank
+    if pick_device(cfg.trainer.device).type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         train(cfg, run_dir, group=group, name=name)
     except Exception as err:  # noqa: BLE001 - only bad input is turned into a message; the rest re-raises
@@ -92,6 +98,30 @@ def explain(err: BaseException) -> UserError | None:
     return as_user_error(err)
 
 
+def _backend() -> str:
+    # NCCL for GPU tensors, gloo for CPU ones (losses, RNG states, the run dir's name)
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def join_torchrun() -> None:
+    """Join torchrun's process group (its MASTER_ADDR/PORT, RANK, WORLD_SIZE variables)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(_backend())
+
+
+def shared_path(path: Path) -> Path:
+    """Rank 0's `path` on every process (the run dir under torchrun)."""
+    if world() == 1:
+        return path
+    data = torch.tensor(list(str(path).encode()) if rank() == 0 else [], dtype=torch.uint8)
+    size = torch.tensor([data.numel()])
+    dist.broadcast(size, 0)
+    data = data if rank() == 0 else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(data, 0)
+    return Path(bytes(data.tolist()).decode())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +136,11 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its machine, hence its GPU."""
+    return int(os.environ.get("LOCAL_RANK", rank())) if world() > 1 else 0
 
 
 def cpu_threads(devices: int) -> int:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from genrun.errors import UserError
+from genrun.parallel import world
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -89,9 +90,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise UserError("trainer.epochs=0 with trainer.max_steps=null leaves nothing to train: set either >= 1")
     tc = cfg.trainer
-    if tc.batch_size % tc.devices:
-        raise UserError(f"trainer.batch_size={tc.batch_size} does not split over trainer.devices={tc.devices}: "
-                        "make it a multiple")
+    processes = max(tc.devices, world())  # world(): torchrun's processes
+    if tc.batch_size % processes:
+        raise UserError(f"trainer.batch_size={tc.batch_size} does not split over {processes} processes "
+                        f"(trainer.devices or torchrun's): make it a multiple of {processes}")
     _check_model_fits_task(cfg)
     gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
     if gen:

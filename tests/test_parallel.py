@@ -57,6 +57,40 @@ def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
     assert summary["devices"] == 2 and summary["status"] == "finished" and summary["step"] == 12
 
 
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    torchrun = GENRUN.with_name("torchrun")
+    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "genrun.cli", *args], cwd=cwd,
+                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_processes_share_one_run_dir_and_train_as_one_does(genrun, tmp_path):
+    args = [*QUIET, "trainer.max_steps=12", "trainer.batch_size=32"]
+    assert genrun(*args, f"hydra.run.dir={tmp_path / 'one'}").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _torchrun(*args, cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    runs = list(work.glob("outputs/*/*"))  # Hydra's default outputs/<date>/<time>, made by rank 0 only
+    assert len(runs) == 1 and sorted(p.name for p in work.iterdir()) == ["outputs"]
+    run = runs[0]
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert proc.stdout.count("genrun: finished after 12 steps") == 1  # rank 0 reports
+    one, two = _train_records(tmp_path / "one"), _train_records(run)
+    assert [r["step"] for r in two] == list(range(1, 13))
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert json.loads((run / "summary.json").read_text())["devices"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-m", "seed=1,2"], "genrun: error: -m under torchrun: start one torchrun per job"),
+    (["trainer.devices=2"], "genrun: error: trainer.devices=2 under torchrun: torchrun starts the processes"),
+])
+def test_what_torchrun_cannot_do_is_a_one_line_error(tmp_path, args, message):
+    proc = _torchrun(*QUIET, *args, cwd=tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("summary.json"))
+
+
 @pytest.mark.parametrize("task", [
     ["task=digits"],
     ["task=synthetic_seqrec", "task.users=60", "model=bert4rec", "model.hidden=16", "model.layers=1"],
@@ -122,8 +156,8 @@ def test_bad_input_met_inside_the_processes_is_one_line_and_leaves_no_run(genrun
 def test_batch_size_must_split_over_the_processes(genrun):
     proc = genrun("trainer.devices=2", "trainer.batch_size=63")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("genrun: error: trainer.batch_size=63 does not split over trainer.devices=2: "
-                                   "make it a multiple")
+    assert proc.stderr.strip() == ("genrun: error: trainer.batch_size=63 does not split over 2 processes "
+                                   "(trainer.devices or torchrun's): make it a multiple of 2")
 
 
 def test_second_derivative_optimizers_refuse_several_processes(genrun):
