@@ -284,19 +284,32 @@ def test_table7_offline_sweep_and_its_report(genrun, tmp_path):
         assert values == pytest.approx(expected, abs=6e-4), row
 
 
-def test_a_stopped_and_resumed_run_draws_the_same_masks(genrun, tmp_path):
-    # the Cloze masks come from torch's RNG, which checkpoints carry: stopping mid-epoch at step 5
-    # and resuming must end with the weights of a run that never stopped
-    args = ["task=synthetic_seqrec", "task.users=60", *SMALL, "trainer.batch_size=8", "trainer.epochs=2",
-            "optim=gen_adam", "optim.gen.horizon=none", "logger=none"]
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_stopped_and_resumed_run_draws_the_same_masks(genrun, tmp_path, devices):
+    # the Cloze masks and dropout come from torch's RNG, which checkpoints carry (each data-parallel
+    # process's own): stopping mid-epoch at step 5 and resuming must end with the weights and the log
+    # of a run that never stopped. With 2 processes BERT4Rec's scores go through forward, so DDP sees
+    # every parameter the loss uses.
+    args = ["task=synthetic_seqrec", "task.users=60", *SMALL, "model.dropout=0.1", "trainer.batch_size=8",
+            "trainer.epochs=2", f"trainer.devices={devices}", "optim=gen_adam", "optim.gen.horizon=none",
+            "logger=none"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert genrun(*args, f"hydra.run.dir={straight}").returncode == 0
     assert genrun(*args, "trainer.max_steps=5", f"hydra.run.dir={stopped}").returncode == 0
     proc = genrun(f"trainer.resume={stopped}", "trainer.max_steps=null")
     assert proc.returncode == 0, proc.stderr
     a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, stopped))
-    assert a["step"] == b["step"] == 16
+    assert a["step"] == b["step"] == 16 and len(a["rng_ranks"] or [a["rng"]]) == devices
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    def trained(run_dir):  # the stopped run also evaluated at step 5
+        return [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]
+
+    assert trained(straight) == trained(stopped)
+    if devices == 2:
+        proc = genrun(f"trainer.resume={stopped}", "trainer.devices=1")
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == ("genrun: error: trainer.devices=1 but the checkpoint was written by 2 "
+                                       "process(es); resume with trainer.devices=2")
 
 
 def test_table7_cells_count_diverged_and_dead_seeds():
