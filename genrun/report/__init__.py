@@ -1,7 +1,8 @@
 """`genrun-report <sweep dir>`: tables and figures from a sweep's runs, written into the sweep dir.
 
 Each report module exposes `applies(runs) -> bool` and `render(runs, out_dir) -> list[Path]`;
-every module that applies to the sweep's runs renders. `runs.load_runs` reads each job's
+every module that applies to the sweep's runs renders; when none of the paper's tables applies,
+`sweep` renders an overview of whatever the sweep varied. `runs.load_runs` reads each job's
 resolved config, summary and metrics once, so reports never parse run dirs themselves.
 """
 
@@ -12,6 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from genrun.report import sweep
 from genrun.report.runs import load_runs
 
 # Report modules, in the order they render. Each is genrun.report.<name>.
@@ -37,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"genrun.report.{name}")
         if module.applies(runs):
             written += module.render(runs, out)
-    if not written:
-        print(f"genrun-report: error: no report applies to the {len(runs)} runs under {args.sweep_dir}", file=sys.stderr)
-        return 2
+    if not written:  # not a paper table's sweep: the overview any sweep has
+        written = sweep.render(runs, out)
     for path in written:
         print(path)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,7 +58,7 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def load_runs(sweep_dir: Path) -> list[Run]:
     """Every run dir below `sweep_dir` (any depth) that has a summary.json and .hydra/config.yaml."""
     runs = []
-    for summary in sorted(Path(sweep_dir).rglob("summary.json")):
+    for summary in sorted(Path(sweep_dir).rglob("summary.json"), key=_natural):
         run_dir = summary.parent
         config = run_dir / ".hydra" / "config.yaml"
         if not config.exists():
@@ -66,6 +67,11 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
         runs.append(Run(run_dir, OmegaConf.load(config), json.loads(summary.read_text()), overrides))
     return runs
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key that puts job 2 before job 10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
 
 
 def train_series(run: Run, keys: tuple[str, ...]) -> list[tuple[int, tuple[Any, ...]]]:
@@ -87,6 +93,14 @@ def group_runs(runs: list[Run], key: Callable[[Run], Hashable | None], order: Se
             groups[k].append(run)
     rank = {k: i for i, k in enumerate(order)}
     return dict(sorted(groups.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def mean_spread(values: Sequence[float], digits: int) -> str:
+    """``mean ±half-range`` of seeds' values (just the value for one seed; "n/a" for none)."""
+    if not values:
+        return "n/a"
+    spread = f" ±{(max(values) - min(values)) / 2:.{digits}f}" if len(values) > 1 else ""
+    return f"{sum(values) / len(values):.{digits}f}{spread}"
 
 
 def write_report(out_dir: Path, stem: str, markdown: str, figure: Callable[[Path], Path]) -> list[Path]:

@@ -13,9 +13,7 @@ row, from the first seed.
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import mean
-
-from genrun.report.runs import Run, group_runs, lr_and_loss_figure, write_report
+from genrun.report.runs import Run, group_runs, lr_and_loss_figure, mean_spread, write_report
 
 ROWS = {"gen": "GeN-AdamW", "linear": "linear decay", "cosine": "cosine decay", "constant": "constant",
         "invsqrt": "inverse sqrt (1/√t)", "inv": "inverse (1/t)"}
@@ -37,11 +35,7 @@ def collect(runs: list[Run]) -> dict[str, list[Run]]:
 
 def cell(members: list[Run], key: str) -> str:
     values = [r.final()[key] for r in members if r.status == "finished" and key in r.final()]
-    if not values:
-        return "n/a"
-    digits = COLUMNS[key][1]
-    spread = f" ±{(max(values) - min(values)) / 2:.{digits}f}" if len(values) > 1 else ""
-    return f"{mean(values):.{digits}f}{spread}"
+    return mean_spread(values, COLUMNS[key][1])
 
 
 def render_markdown(rows: dict[str, list[Run]]) -> str:

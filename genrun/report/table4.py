@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
-from genrun.report.runs import Run, group_runs, pyplot, save_figure, write_report
+from genrun.report.runs import Run, group_runs, mean_spread, pyplot, save_figure, write_report
 
 METHODS = {"full": "FT", "bitfit": "BitFit", "lora": "LoRA"}
 ROWS = {"warmup_linear": "AdamW, warm-up + linear decay", "gen": "GeN-AdamW",
@@ -60,10 +60,7 @@ def cell(members: list[Run], column: str) -> str:
     values = [scores(r)[column] for r in members if r.status == "finished" and column in scores(r)]
     diverged = sum(r.status == "diverged" and r.select("task.name") == column.split()[0] for r in members)
     note = f" ({diverged} diverged)" if diverged else ""
-    if not values:
-        return "n/a" + note
-    spread = f" ±{(max(values) - min(values)) / 2:.1f}" if len(values) > 1 else ""
-    return f"{mean(values):.1f}{spread}{note}"
+    return mean_spread(values, 1) + note
 
 
 def render_markdown(rows: dict[tuple[str, str], list[Run]]) -> str:

@@ -14,9 +14,8 @@ NDCG@10 and Recall@10 against the epoch, from the first seed's metrics.jsonl.
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import mean
 
-from genrun.report.runs import Run, group_runs, pyplot, save_figure, write_report
+from genrun.report.runs import Run, group_runs, mean_spread, pyplot, save_figure, write_report
 
 METRICS = ["recall@1", "recall@5", "recall@10", "recall@20", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20"]
 # The paper's Table 7 (BERT4Rec, MovieLens-1M, 100 epochs): row -> (batch, metrics in METRICS order).
@@ -50,12 +49,7 @@ def cells(members: list[Run]) -> tuple[list[str], str]:
     note = f" ({', '.join(notes)})" if notes else ""
     if not finished:
         return ["n/a"] * len(METRICS), note
-    out = []
-    for metric in METRICS:
-        values = [r.final()[metric] for r in finished]
-        spread = f" ±{(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else ""
-        out.append(f"{mean(values):.3f}{spread}")
-    return out, note
+    return [mean_spread([r.final()[metric] for r in finished], 3) for metric in METRICS], note
 
 
 def render_markdown(rows: dict[str, list[Run]]) -> str:
