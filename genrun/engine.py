@@ -75,8 +75,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     # of workers gives the same run
     loading = {"num_workers": loader_workers(tc.num_workers, device, world), "pin_memory": device.type == "cuda"}
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
-        split: DataLoader(data, batch_size=tc.eval_batch_size or tc.batch_size, **loading,
-                          collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0))
+        split: DataLoader(parallel.shard(data, task.means), batch_size=tc.eval_batch_size or tc.batch_size,
+                          **loading, collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0))
         for split, data in eval_sets.items()
     }
 
@@ -146,6 +146,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         for split, loader in eval_loaders.items():
             with amp():
                 results[split] = task.evaluate(eval_model, loader, partial(to_device, device=device))
+            if task.means:  # each process evaluated a share of the split
+                results[split] = parallel.mean_over_shards(results[split], len(loader.dataset))
             emit({"kind": "eval", "step": step, "epoch": epoch, "split": split, **results[split], "lr": lrs()})
         return results
 
@@ -229,9 +231,10 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     gen_logged = gen.probes
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs()[0]:.3g}")
-                if tc.eval_every and step % tc.eval_every == 0:
+                ends_epoch = batch_in_epoch >= steps_per_epoch or step == total_steps  # evaluated below
+                if tc.eval_every and step % tc.eval_every == 0 and not ends_epoch:
                     results = evaluate()
-                if tc.ckpt_every and step % tc.ckpt_every == 0 and batch_in_epoch < steps_per_epoch:
+                if tc.ckpt_every and step % tc.ckpt_every == 0 and not ends_epoch:
                     save_checkpoint()
                 micro = upcoming if upcoming is not None else take()
             if status != "finished":

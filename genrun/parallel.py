@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.config
 import os
 import socket
 import sys
@@ -48,10 +49,11 @@ def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: st
     # resolved here: the processes have no Hydra context for ${hydra:...} or ${now:...}
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     errors = mp.get_context("spawn").SimpleQueue()
+    logs = _job_logging()
     # torch logs a warning as it stops the other processes after one failed: the error says it all
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors),
+        mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors, logs),
                            nprocs=devices, start_method="spawn")
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         if not errors.empty():  # a process met bad input; the others were stopped
@@ -70,11 +72,15 @@ def check_devices(device: str, devices: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
-            group: str | None, name: str | None, errors: Any) -> None:
+            group: str | None, name: str | None, errors: Any, logs: dict[str, Any] | None) -> None:
     from genrun.engine import train
     from genrun.runtime import pick_device
 
     os.environ["LOCAL_RANK"] = str(rank)  # one machine: the local rank is the rank
+    if rank == 0 and logs:  # process 0 logs as the Hydra job would have: console and genrun.log
+        logging.config.dictConfig(logs)
+    elif rank > 0:  # the others would repeat process 0's warnings
+        logging.getLogger().setLevel(logging.ERROR)
     if pick_device(cfg.trainer.device).type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -96,6 +102,15 @@ def explain(err: BaseException) -> UserError | None:
         return UserError("the model has trainable parameters that get no gradient in a step, which DDP "
                          "must be told of: set trainer.ddp_find_unused=true")
     return as_user_error(err)
+
+
+def _job_logging() -> dict[str, Any] | None:
+    """The Hydra job's logging config, resolved (its file handler names the run dir's log)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)  # type: ignore[return-value]
 
 
 def _backend() -> str:
@@ -180,6 +195,24 @@ def mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= world()
     return value
+
+
+def shard(data: Any, shared: bool) -> Any:
+    """This process's share of an evaluation split (every `world`-th example), or all of it."""
+    if world() == 1 or not shared or len(data) < world():  # a process with no example could not average
+        return data
+    return torch.utils.data.Subset(data, range(rank(), len(data), world()))
+
+
+def mean_over_shards(metrics: dict[str, float], count: int) -> dict[str, float]:
+    """Split-wide means from each process's means over its `count` examples."""
+    if world() == 1:
+        return metrics
+    keys = list(metrics)  # the same order in every process: the same task code made them
+    sums = torch.tensor([count, *(metrics[k] * count for k in keys)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    total = max(float(sums[0]), 1.0)
+    return {k: float(v) / total for k, v in zip(keys, sums[1:].tolist())}
 
 
 def gather(obj: Any) -> list[Any]:

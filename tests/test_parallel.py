@@ -43,11 +43,21 @@ def test_the_processes_shards_make_up_each_batch(size, batch, world):
 def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
     # no BatchNorm or dropout in the small CNN: the mean of the two shards' gradients is the
     # batch gradient, so only float rounding separates the runs (it grows over many steps)
-    args = [*QUIET, "trainer.max_steps=12", "trainer.batch_size=32", f"trainer.grad_accum={accum}"]
+    # each process evaluates half of the test split (eval_every=3: at steps 3, 6, 9, 12)
+    # (sched=cosine only draws GeN's warning, which process 0 alone logs, to the console and genrun.log)
+    args = [*QUIET, "trainer.max_steps=12", "trainer.batch_size=32", f"trainer.grad_accum={accum}",
+            "trainer.eval_every=3", "sched=cosine"]
     for devices in (1, 2):
         proc = genrun(*args, f"trainer.devices={devices}", f"hydra.run.dir={tmp_path / str(devices)}")
         assert proc.returncode == 0, proc.stderr
+        log = (tmp_path / str(devices) / "genrun.log").read_text()
+        assert (proc.stdout + proc.stderr).count("sched=cosine is ignored") == log.count("sched=cosine is ignored") == 1
     one, two = _train_records(tmp_path / "1"), _train_records(tmp_path / "2")
+    evals = [[r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "eval"] for d in "12"]
+    assert [r["step"] for r in evals[1]] == [r["step"] for r in evals[0]] == [3, 6, 9, 12]
+    for a, b in zip(*evals):  # 360 test images: one flipped prediction moves acc by 0.0028
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3) and b["acc"] == pytest.approx(a["acc"], abs=0.003)
     assert [r["step"] for r in two] == list(range(1, 13))  # one process writes; each step once
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
     assert [lr for r in two for lr in r["lr"]] == pytest.approx([lr for r in one for lr in r["lr"]], rel=1e-4)
@@ -102,6 +112,20 @@ def test_loader_workers_do_not_change_the_run(genrun, tmp_path, task):
                       f"trainer.num_workers={workers}", f"hydra.run.dir={tmp_path / str(workers)}")
         assert proc.returncode == 0, proc.stderr
     assert _train_records(tmp_path / "0") == _train_records(tmp_path / "2")
+
+
+def test_evaluation_shards_make_up_the_split_and_average_by_count(monkeypatch):
+    from genrun import parallel
+
+    data = list(range(7))
+    monkeypatch.setattr(parallel, "world", lambda: 3)
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(parallel, "rank", lambda r=r: r)
+        shares.append(list(parallel.shard(data, shared=True)))
+        assert parallel.shard(data, shared=False) is data  # a task whose metrics are not means
+    assert sorted(i for s in shares for i in s) == data and [len(s) for s in shares] == [3, 2, 2]
+    assert parallel.shard([1, 2], shared=True) == [1, 2]  # fewer examples than processes: all of it
 
 
 def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):

@@ -35,9 +35,13 @@ class Task:
     default sums `metric_sums` over batches, which suits averages such as accuracy.
     `step_metrics(model)` may add numbers to every logged train record.
     `diagnose(results)` may return a one-line warning about a finished run's final metrics.
+    `means`: every metric `evaluate` returns is a mean over the split's examples (true of the
+    default `evaluate`), so data-parallel processes may each evaluate a share of the split and
+    average by example count. A task whose metrics are not (BLEU, F1, mAP) leaves it False.
     """
 
     name: str = "task"
+    means: bool = False
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
         raise NotImplementedError
@@ -69,6 +73,8 @@ class Task:
 
 class ClassificationTask(Task):
     """Batches are `(inputs, labels)`; the loss is cross-entropy; metrics are loss and accuracy."""
+
+    means = True
 
     num_classes: int
 
