@@ -34,7 +34,6 @@ from torch import nn
 from genrun.errors import UserError, as_user_error
 
 
-
 def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
     """Train with `cfg.trainer.devices` processes; return process 0's summary."""
     from genrun.engine import train
@@ -76,7 +75,7 @@ def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
     from genrun.engine import train
     from genrun.runtime import pick_device
 
-    os.environ["LOCAL_RANK"] = str(rank)  # one machine: the local rank is the rank
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # as torchrun sets them
     if rank == 0 and logs:  # process 0 logs as the Hydra job would have: console and genrun.log
         logging.config.dictConfig(logs)
     elif rank > 0:  # the others would repeat process 0's warnings
@@ -121,7 +120,7 @@ def _backend() -> str:
 def join_torchrun() -> None:
     """Join torchrun's process group (its MASTER_ADDR/PORT, RANK, WORLD_SIZE variables)."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(_backend())
 
 
@@ -158,9 +157,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", rank())) if world() > 1 else 0
 
 
-def cpu_threads(devices: int) -> int:
-    """Torch threads per process when N processes share this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // devices)
+def local_world() -> int:
+    """How many of the processes share this machine (its cores, its GPUs)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world())) if world() > 1 else 1
+
+
+def cpu_threads() -> int:
+    """Torch threads per process when this machine's processes share its cores."""
+    return max(1, (os.cpu_count() or 1) // local_world())
 
 
 @contextlib.contextmanager
