@@ -4,4 +4,9 @@
 experiments through one shared engine (`genrun.engine.train`).
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: The Hydra config groups (the repo's top-level conf/; the install is editable).
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

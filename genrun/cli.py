@@ -20,11 +20,10 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from genrun import CONF_DIR
 from genrun.errors import UserError, as_user_error
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
-
 
 
 def _discard_if_unused(run_dir: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
+from genrun import CONF_DIR
 from genrun.errors import UserError
 from genrun.parallel import world
 
@@ -127,7 +128,5 @@ def _check_model_fits_task(cfg: DictConfig) -> None:
 
 def models_for(task: DictConfig) -> list[str]:
     """The options of the model group whose `${task.*}` keys this task defines."""
-    from genrun.cli import CONF_DIR
-
     return [path.stem for path in sorted((Path(CONF_DIR) / "model").glob("*.yaml"))
             if all(key in task for key in re.findall(r"\$\{task\.(\w+)\}", path.read_text()))]
