@@ -324,3 +324,20 @@ def test_table7_cells_count_diverged_and_dead_seeds():
     values, note = table7.cells([run("diverged"), run("finished", 0.5), run("finished", 0.1, "at chance")])
     assert note == " (1 diverged, 1 at chance)" and values[0] == "0.300 ±0.200"
     assert table7.cells([run("diverged")]) == (["n/a"] * len(table7.METRICS), " (1 diverged)")
+
+
+def test_table7_curves_count_epochs_from_the_log_not_the_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from genrun.report.runs import Run
+
+    def run(steps: int, per_epoch: int) -> Run:
+        records = [{"kind": "train", "step": s, "epoch": (s - 1) // per_epoch, "lr": [0.1]} for s in range(1, steps + 1)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        # the config says 100 epochs, but trainer.max_steps stopped the run: the log knows the epoch length
+        made = Run(tmp_path, OmegaConf.create({"trainer": {"epochs": 100, "max_steps": steps}}), {"total_steps": steps})
+        made.records  # read now: the next call rewrites the file
+        return made
+
+    assert table7.steps_per_epoch(run(steps=25, per_epoch=7)) == 7
+    assert table7.steps_per_epoch(run(steps=5, per_epoch=7)) is None  # never left its first epoch: plot steps

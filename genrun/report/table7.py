@@ -72,9 +72,16 @@ def render_markdown(rows: dict[str, list[Run]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curves(run: Run) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
-    """(epoch, lr) of train records; (epoch, NDCG@10, Recall@10) of test evaluations."""
-    per_epoch = max(1, run.summary.get("total_steps", 1)) / max(1, run.select("trainer.epochs", 1))
+def steps_per_epoch(run: Run) -> int | None:
+    """The last step the run logged in its first epoch, if it got past it (None: it did not)."""
+    train = [r for r in run.records if r.get("kind") == "train"]
+    if not any(r.get("epoch", 0) >= 1 for r in train):
+        return None
+    return max(r["step"] for r in train if r.get("epoch", 0) == 0)
+
+
+def _curves(run: Run, per_epoch: float) -> tuple[list[float], list[float], list[float], list[float], list[float]]:
+    """(x, lr) of train records; (x, NDCG@10, Recall@10) of test evaluations; x = step / per_epoch."""
     lr_x, lrs, ev_x, ndcg, recall = [], [], [], [], []
     for rec in run.records:
         if rec.get("kind") == "train" and rec.get("lr"):
@@ -91,16 +98,19 @@ def render_figure(rows: dict[str, list[Run]], path: Path) -> Path:
     plt = pyplot()
 
     fig, (ax_lr, ax_ndcg, ax_recall) = plt.subplots(1, 3, figsize=(15, 3.8))
+    # epochs when every drawn run got past its first one (trainer.max_steps may stop a run short of it)
+    per_epoch = {row: steps_per_epoch(members[0]) for row, members in rows.items()}
+    unit = "epoch" if all(per_epoch.values()) else "step"
     for row, members in rows.items():
-        lr_x, lrs, ev_x, ndcg, recall = _curves(members[0])
+        lr_x, lrs, ev_x, ndcg, recall = _curves(members[0], per_epoch[row] if unit == "epoch" else 1)
         label = f"{LABEL.get(row, row)} (B={members[0].select('trainer.batch_size', '?')})"
         style = "-" if row.startswith("gen") else "--"
         ax_lr.plot(lr_x, lrs, style, label=label)
         ax_ndcg.plot(ev_x, ndcg, style, label=label)
         ax_recall.plot(ev_x, recall, style, label=label)
-    ax_lr.set(yscale="log", xlabel="epoch", ylabel="learning rate", title="lr")
-    ax_ndcg.set(xlabel="epoch", ylabel="test NDCG@10", title="NDCG@10")
-    ax_recall.set(xlabel="epoch", ylabel="test Recall@10", title="Recall@10")
+    ax_lr.set(yscale="log", xlabel=unit, ylabel="learning rate", title="lr")
+    ax_ndcg.set(xlabel=unit, ylabel="test NDCG@10", title="NDCG@10")
+    ax_recall.set(xlabel=unit, ylabel="test Recall@10", title="Recall@10")
     ax_recall.legend(fontsize=7)
     return save_figure(fig, path)
 
