@@ -55,7 +55,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     rank, world = parallel.rank(), parallel.world()  # 0, 1 unless trainer.devices > 1
     main = rank == 0  # the process that writes the run's files
     device = pick_device(tc.device, parallel.local_rank())
-    if tc.get("threads") or world > 1 and device.type == "cpu":
+    if tc.get("threads") or (world > 1 and device.type == "cpu"):
         torch.set_num_threads(tc.get("threads") or parallel.cpu_threads())
     resume = checkpoint.load(tc.resume) if tc.resume else None
     seed_everything(cfg.seed)
@@ -73,10 +73,12 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     # data are a function of (seed, epoch, index), never of the worker that loads them: any count
     # of workers gives the same run
-    loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.local_world()), "pin_memory": device.type == "cuda"}
+    loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.local_world()),
+               "pin_memory": device.type == "cuda"}
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
         split: DataLoader(parallel.shard(data, task.means), batch_size=tc.eval_batch_size or tc.batch_size,
-                          **loading, collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0))
+                          collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0),
+                          **loading)
         for split, data in eval_sets.items()
     }
 
