@@ -16,6 +16,18 @@ CONF = ROOT / "conf"
 GENRUN = Path(sys.executable).with_name("genrun")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory):
+    """genrun's caches (token ids) in a scratch dir: tests never write to the user's home."""
+    previous = os.environ.get("GENRUN_CACHE")
+    os.environ["GENRUN_CACHE"] = str(tmp_path_factory.mktemp("genrun-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GENRUN_CACHE", None)
+    else:
+        os.environ["GENRUN_CACHE"] = previous
+
+
 def options(group: str) -> list[str]:
     """Every option of a config group: one YAML file each."""
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))

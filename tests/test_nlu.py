@@ -150,6 +150,48 @@ def test_batches_pad_to_their_longest_example(tmp_path, tiny_bert):
     assert batch["token_type_ids"][0, : lengths[0]].max() == 1  # the pair's second text is segment 1
 
 
+def test_token_ids_are_cached_under_a_name_of_everything_they_depend_on(tmp_path, tiny_bert, monkeypatch):
+    from genrun.hf import load_tokenizer
+    from genrun.tasks import token_cache
+
+    write_glue(tmp_path, "mnli")
+    cache = tmp_path / "cache"
+    fresh = Glue("mnli", str(tmp_path), str(tiny_bert), 3).datasets()  # no cache
+    first = Glue("mnli", str(tmp_path), str(tiny_bert), 3, token_cache=str(cache)).datasets()
+    assert len(list(cache.glob("*.pt"))) == 1  # the fixture's three files hold the same pairs: one name
+
+    calls = []
+    monkeypatch.setattr(token_cache, "tokenize", lambda *a: calls.append(a) or pytest.fail("tokenized again"))
+    again = Glue("mnli", str(tmp_path), str(tiny_bert), 3, token_cache=str(cache)).datasets()
+    for a, b, c in ((fresh[0], first[0], again[0]), *zip(fresh[1].values(), first[1].values(), again[1].values())):
+        assert len(a) == len(b) == len(c)
+        for i in range(len(a)):
+            assert all(torch.equal(a[i][k], b[i][k]) and torch.equal(a[i][k], c[i][k]) for k in a[i])
+    assert fresh[0][0]["input_ids"].dtype == torch.long
+
+    tokenizer = load_tokenizer(str(tiny_bert))
+    texts = [("a pair", "of texts")]
+    name = token_cache.fingerprint(tokenizer, texts, 128)
+    tokenizer(["warm"], truncation=True, max_length=7)  # a call sets the tokenizer's own truncation state
+    assert token_cache.fingerprint(tokenizer, texts, 128) == name
+    assert token_cache.fingerprint(tokenizer, texts, 64) != name
+    assert token_cache.fingerprint(tokenizer, [("a pair", "of text")], 128) != name
+    assert token_cache.fingerprint(tokenizer, [("a pai", "rof texts")], 128) != name  # texts are delimited
+
+
+def test_an_unreadable_cache_file_is_tokenized_again_and_replaced(tmp_path, tiny_bert):
+    from genrun.hf import load_tokenizer
+    from genrun.tasks.token_cache import cached_tokenize, fingerprint
+
+    tokenizer = load_tokenizer(str(tiny_bert))
+    texts = [("the cat sat",), ("on the mat",)]
+    path = tmp_path / f"{fingerprint(tokenizer, texts, 16)}.pt"
+    path.write_text("half a file")
+    arrays = cached_tokenize(tokenizer, texts, 16, tmp_path)
+    assert arrays["offsets"].tolist()[0] == 0 and len(arrays["offsets"]) == 3
+    assert torch.equal(torch.load(path, weights_only=True)["input_ids"], arrays["input_ids"])
+
+
 # -- models -----------------------------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 The paper's Table 4 fine-tunes RoBERTa-base on GLUE. A GLUE task here reads the TSV files
 that GLUE's download unpacks (``<data_dir>/SST-2/train.tsv``, ``dev.tsv``, ...), tokenizes
 them once with the model's own tokenizer (``task.tokenizer``, by default
-``${model.pretrained}``) and pads each batch to its longest example. It is evaluated on
+``${model.pretrained}``), keeps the ids on disk for the next run (``task.token_cache``,
+genrun.tasks.token_cache) and pads each batch to its longest example. It is evaluated on
 GLUE's dev files (the test files carry no labels) with GLUE's metrics: accuracy,
 Matthews correlation (CoLA), F1 of the positive class (MRPC, QQP), Pearson and Spearman
 correlation (STS-B, a regression: one output, mean squared error).
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 
 from genrun.errors import DataMissing, UserError
 from genrun.tasks.base import Task, pad
+from genrun.tasks.token_cache import FIELDS, cached_tokenize
 
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"
 
@@ -99,22 +101,22 @@ def read_glue(path: Path, spec: GlueSpec) -> tuple[list[tuple[str, ...]], list[f
 
 
 class Encoded(Dataset):
-    """Token ids of (text, [text pair]) examples, tokenized once; `collate` pads a batch to its longest."""
+    """Token ids of (text, [text pair]) examples, stored flat (genrun.tasks.token_cache);
+    `collate` pads a batch to its longest."""
 
-    def __init__(self, tokenizer: Any, texts: list[tuple[str, ...]], labels: list[float], max_length: int,
-                 regression: bool) -> None:
-        columns = [list(column) for column in zip(*texts)]
-        encoded = tokenizer(*columns, truncation=True, max_length=max_length)
-        self.keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
-        self.examples = [{k: torch.tensor(encoded[k][i]) for k in self.keys} for i in range(len(texts))]
+    def __init__(self, arrays: dict[str, torch.Tensor], labels: list[float], pad_id: int, regression: bool) -> None:
+        self.offsets = arrays["offsets"].tolist()
+        self.keys = [k for k in FIELDS if k in arrays]
+        self.flat = {k: arrays[k] for k in self.keys}
         self.labels = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
-        self.pad_id = tokenizer.pad_token_id or 0
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {**self.examples[i], "labels": self.labels[i]}
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return {**{k: self.flat[k][start:end].long() for k in self.keys}, "labels": self.labels[i]}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = {"labels": torch.stack([item["labels"] for item in items]),
@@ -149,17 +151,19 @@ class TextTask(Task):
 
     metrics: tuple[str, ...] = ("acc",)
 
-    def __init__(self, tokenizer: str, num_labels: int, max_length: int = 128) -> None:
+    def __init__(self, tokenizer: str, num_labels: int, max_length: int = 128, token_cache: str | None = None) -> None:
         if max_length < 8:
             raise UserError(f"task.max_length={max_length} is invalid: must be an integer >= 8")
         self.tokenizer_name, self.num_labels, self.max_length = tokenizer, num_labels, max_length
+        self.token_cache = token_cache
 
     def encode(self, texts: list[tuple[str, ...]], labels: list[float]) -> Encoded:
         from genrun.hf import load_tokenizer
 
         if not hasattr(self, "_tokenizer"):
             self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return Encoded(self._tokenizer, texts, labels, self.max_length, regression=self.num_labels == 1)
+        arrays = cached_tokenize(self._tokenizer, texts, self.max_length, self.token_cache)
+        return Encoded(arrays, labels, self._tokenizer.pad_token_id or 0, regression=self.num_labels == 1)
 
     def _outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -201,14 +205,14 @@ class Glue(TextTask):
     """One GLUE task, read from ``<data_dir>/<folder>/{train,dev}.tsv`` as GLUE publishes them."""
 
     def __init__(self, name: str, data_dir: str, tokenizer: str, num_labels: int, max_length: int = 128,
-                 download: bool = False) -> None:
+                 download: bool = False, token_cache: str | None = None) -> None:
         if name not in GLUE:
             raise UserError(f"task.name={name} is not a GLUE task; one of {', '.join(GLUE)}")
         self.spec = GLUE[name]
         expected = 1 if self.spec.labels is None else len(self.spec.labels)
         if num_labels != expected:
             raise UserError(f"task.num_labels={num_labels}: GLUE's {name} has {expected}")
-        super().__init__(tokenizer, num_labels, max_length)
+        super().__init__(tokenizer, num_labels, max_length, token_cache)
         self.name, self.metrics = name, self.spec.metrics
         self.root, self.download = Path(data_dir).expanduser(), download
 
