@@ -132,10 +132,12 @@ def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):
     from genrun.runtime import loader_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    assert loader_workers("auto", torch.device("cpu"), 1) == 0
-    assert loader_workers("auto", torch.device("cuda", 0), 1) == 8
-    assert loader_workers("auto", torch.device("cuda", 1), 8) == 4
-    assert loader_workers(3, torch.device("cpu"), 1) == 3
+    gpu = torch.device("cuda", 0)
+    assert loader_workers("auto", torch.device("cpu"), 1, heavy_items=True) == 0
+    assert loader_workers("auto", gpu, 1, heavy_items=True) == 8
+    assert loader_workers("auto", gpu, 8, heavy_items=True) == 4
+    assert loader_workers("auto", gpu, 1, heavy_items=False) == 0  # in-memory items: no workers to start
+    assert loader_workers(3, torch.device("cpu"), 1, heavy_items=False) == 3
 
 
 def test_a_checkpoint_holds_the_state_of_as_many_processes_as_resume_it():

@@ -38,10 +38,13 @@ class Task:
     `means`: every metric `evaluate` returns is a mean over the split's examples (true of the
     default `evaluate`), so data-parallel processes may each evaluate a share of the split and
     average by example count. A task whose metrics are not (BLEU, F1, mAP) leaves it False.
+    `heavy_items`: making an item costs real work (decoding an image file, drawing a scene),
+    so on a GPU DataLoader worker processes pay for themselves; in-memory items do not.
     """
 
     name: str = "task"
     means: bool = False
+    heavy_items: bool = False
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
         raise NotImplementedError

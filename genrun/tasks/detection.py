@@ -89,6 +89,8 @@ class Scenes(Dataset):
 class DetectionTask(Task):
     """Loss: the sum of the detector's losses. Metrics: COCO AP for boxes and masks."""
 
+    heavy_items = True  # an image decoded (or a scene drawn) and its masks built per item
+
     num_categories: int
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:

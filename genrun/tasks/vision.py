@@ -103,6 +103,8 @@ class TorchvisionTask(ClassificationTask):
     required: tuple[str, ...]
     manual: str
 
+    heavy_items = True  # JPEG/PNG decoding and resizing per item
+
     def __init__(self, data_dir: str = "data", image_size: int = 224, download: bool = False, **_: object) -> None:
         if not (isinstance(image_size, int) and image_size >= 8):
             raise UserError(f"task.image_size={image_size} is invalid: must be an integer >= 8")
