@@ -225,3 +225,15 @@ def test_ddps_unused_parameter_error_names_the_key(tmp_path):
                 assert find_unused
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_diverging_two_process_run_stops_in_every_process(genrun, tmp_path):
+    # the loss every process checks is the mean over processes: all stop at the same step
+    run_dir = tmp_path / "run"
+    proc = genrun("optim=sgd", "optim.lr=3.0", "optim.momentum=0.99", "trainer.ckpt_every=1", "trainer.devices=2",
+                  *QUIET, f"hydra.run.dir={run_dir}", timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["devices"] == 2
+    ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    assert 0 < ckpt["step"] <= summary["step"] and all(torch.isfinite(t).all() for t in ckpt["model"].values())
