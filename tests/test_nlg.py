@@ -163,6 +163,11 @@ def test_metrics_reward_the_reference_and_score_against_any_of_several():
     assert perfect["meteor"] > 0.95 and perfect["nist"] > 2.0 and perfect["cider"] > 1.0
     poor = score(["the eagle is a pub .", "aromi is not for children ."], refs)
     assert all(poor[k] < perfect[k] for k in perfect)
+    from genrun.tasks.nlg_metrics import _meteor
+
+    java = _meteor().meteor_p  # one METEOR Java process per Python process, reused by every score()
+    assert score(["aromi is family friendly ."], refs[1:], ("meteor",))["meteor"] > 0.95
+    assert _meteor().meteor_p is java and java.poll() is None
     one_ref = score(["french food is served at the eagle ."], [refs[0][:1]], ("bleu", "rouge_l"))
     assert one_ref["bleu"] < 100.0 and one_ref["rouge_l"] < 100.0  # the other reference was the match
     short = score(["eagle", ""], refs, ("nist", "bleu"))  # no hypothesis reaches NIST's 5-grams

@@ -31,6 +31,15 @@ def check_metrics(metrics: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR scorer per process: it talks to a Java process whose start (~5 s) would
+    otherwise come with every evaluation of every split."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
+@lru_cache(maxsize=1)
 def _tokenizer13a():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
@@ -72,9 +81,7 @@ def score(hyps: list[str], refs: list[list[str]], metrics: tuple[str, ...] = MET
 
 def _coco_scorer(name: str):
     if name == "meteor":
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        return Meteor()
+        return _meteor()
     if name == "rouge_l":
         from pycocoevalcap.rouge.rouge import Rouge
 
