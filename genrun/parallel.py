@@ -47,6 +47,10 @@ def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: st
     check_devices(cfg.trainer.device, devices)
     # resolved here: the processes have no Hydra context for ${hydra:...} or ${now:...}
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # inside a joblib/loky sweep job the default is "loky", which the spawned children cannot
+        # resolve when they unpickle their start-up data
+        mp.set_start_method("spawn", force=True)
     errors = mp.get_context("spawn").SimpleQueue()
     logs = _job_logging()
     # torch logs a warning as it stops the other processes after one failed: the error says it all

@@ -237,3 +237,13 @@ def test_a_diverging_two_process_run_stops_in_every_process(genrun, tmp_path):
     assert summary["status"] == "diverged" and summary["devices"] == 2
     ckpt = torch.load(run_dir / "ckpt.pt", weights_only=True)
     assert 0 < ckpt["step"] <= summary["step"] and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_a_parallel_sweep_of_two_process_jobs(genrun, tmp_path):
+    # joblib's loky workers default to a start method their spawned children cannot resolve
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.devices=2", "seed=0,1",
+                  "trainer.max_steps=4", *QUIET, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    assert all(s["status"] == "finished" and s["devices"] == 2 and s["step"] == 4 for s in summaries)
