@@ -9,6 +9,7 @@ training loss against the step for each row, from its first run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ def collect(runs: list[Run], keys: list[str]) -> dict[str, list[Run]]:
     return group_runs(runs, label, [])
 
 
-def render_markdown(rows: dict[str, list[Run]], split: str, sweep: Path) -> str:
+def render_markdown(rows: dict[str, list[Run]], split: str) -> str:
     members = [r for rs in rows.values() for r in rs]
+    sweep = Path(os.path.commonpath([r.path for r in members]))
     metrics = list(dict.fromkeys(k for r in members for k, v in r.final(split).items() if isinstance(v, (int, float))))
     metrics = metrics[:MAX_METRICS]
     synthetic = any(str(r.select("task.name", "")).startswith("synthetic") for r in members)
@@ -87,7 +89,7 @@ def _final_lr(done: list[Run]) -> str:
 
 def render(runs: list[Run], out_dir: Path) -> list[Path]:
     rows = collect(runs, varying(runs))
-    markdown = render_markdown(rows, split_of(runs), Path(out_dir))
+    markdown = render_markdown(rows, split_of(runs))
     labels = {label: label for label in rows}
     return write_report(out_dir, "sweep", markdown, lambda path: lr_and_loss_figure(
         rows, labels, path, lr_title="lr", loss_label="training loss"))
