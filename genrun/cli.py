@@ -90,7 +90,8 @@ def _report(summary: dict) -> None:
         f"genrun: {summary['status']} after {summary['step']} steps in {summary['wall_time_s']:.1f} s",
         *(f"  {split}: {', '.join(f'{k} {v:.4f}' for k, v in metrics.items()) or 'not evaluated'}"
           for split, metrics in shown.items()),
-        f"  final lr: {lr:.4g}   peak memory: {summary['peak_memory_mb']:.0f} MB ({summary['device']})",
+        f"  final lr: {lr:.4g}   peak memory: {summary['peak_memory_mb']:.0f} MB ({summary['device']})"
+        + (f" in process 0 of {summary['devices']}" if summary.get("devices", 1) > 1 else ""),
         f"  run dir: {summary['run_dir']}",
     ]
     if summary.get("message"):

@@ -65,6 +65,7 @@ def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
     assert len(gen_two) == len(gen_one) == 3
     summary = json.loads((tmp_path / "2" / "summary.json").read_text())
     assert summary["devices"] == 2 and summary["status"] == "finished" and summary["step"] == 12
+    assert "MB (cpu) in process 0 of 2" in proc.stdout
 
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
