@@ -73,7 +73,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     # data are a function of (seed, epoch, index), never of the worker that loads them: any count
     # of workers gives the same run
-    loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.local_world(), task.heavy_items),
+    loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.cpu_threads(), task.heavy_items),
                "pin_memory": device.type == "cuda"}
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
         split: DataLoader(parallel.shard(data, task.means), batch_size=tc.eval_batch_size or tc.batch_size,

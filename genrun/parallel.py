@@ -197,12 +197,12 @@ def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
 
 
 def mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of `value` over the processes (a copy; `value` itself is left alone)."""
+    """The mean of `value` over the processes (`value` itself is left alone)."""
+    if world() == 1:
+        return value.detach()
     value = value.detach().clone()
-    if world() > 1:
-        dist.all_reduce(value)
-        value /= world()
-    return value
+    dist.all_reduce(value)
+    return value / world()
 
 
 def shard(data: Any, shared: bool) -> Any:

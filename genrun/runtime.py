@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import resource
 from typing import Any, Iterator
@@ -74,14 +73,14 @@ class EpochBatches(Sampler[list[int]]):
         return max(0, -(-self.size // self.batch_size) - self.start)
 
 
-def loader_workers(setting: int | str, device: torch.device, devices: int, heavy_items: bool) -> int:
-    """DataLoader workers per process. `auto` feeds a GPU from min(8, cores/devices) workers when
-    making an item is real work (a task's `heavy_items`: image decoding); in-memory items need
-    none (starting workers each epoch would cost more than they save), and on the CPU workers
-    would take the model's cores."""
+def loader_workers(setting: int | str, device: torch.device, cores: int, heavy_items: bool) -> int:
+    """DataLoader workers per process. `auto` feeds a GPU from min(8, `cores`) workers (this
+    process's share of the machine) when making an item is real work (a task's `heavy_items`:
+    image decoding); in-memory items need none (starting workers each epoch would cost more
+    than they save), and on the CPU workers would take the model's cores."""
     if setting != "auto":
         return int(setting)
-    return min(8, (os.cpu_count() or 1) // devices) if device.type == "cuda" and heavy_items else 0
+    return min(8, cores) if device.type == "cuda" and heavy_items else 0
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -132,13 +132,18 @@ def test_evaluation_shards_make_up_the_split_and_average_by_count(monkeypatch):
 def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):
     from genrun.runtime import loader_workers
 
+    from genrun.parallel import cpu_threads
+
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr("genrun.parallel.world", lambda: 8)
     gpu = torch.device("cuda", 0)
-    assert loader_workers("auto", torch.device("cpu"), 1, heavy_items=True) == 0
-    assert loader_workers("auto", gpu, 1, heavy_items=True) == 8
-    assert loader_workers("auto", gpu, 8, heavy_items=True) == 4
-    assert loader_workers("auto", gpu, 1, heavy_items=False) == 0  # in-memory items: no workers to start
-    assert loader_workers(3, torch.device("cpu"), 1, heavy_items=False) == 3
+    assert cpu_threads() == 4  # 32 cores over this machine's 8 processes
+    assert loader_workers("auto", torch.device("cpu"), 32, heavy_items=True) == 0
+    assert loader_workers("auto", gpu, 32, heavy_items=True) == 8
+    assert loader_workers("auto", gpu, cpu_threads(), heavy_items=True) == 4
+    assert loader_workers("auto", gpu, 32, heavy_items=False) == 0  # in-memory items: no workers to start
+    assert loader_workers(3, torch.device("cpu"), 32, heavy_items=False) == 3
 
 
 def test_a_checkpoint_holds_the_state_of_as_many_processes_as_resume_it():
