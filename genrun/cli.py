@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -26,23 +28,48 @@ from genrun.errors import UserError, as_user_error
 _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
 
 
-def _discard_if_unused(run_dir: Path) -> None:
+def _discard_if_unused(run_dir: Path | None, sweep_dir: Path | None = None) -> None:
     """Remove a run dir that holds only what Hydra wrote (a failed start leaves no half run).
 
-    Its parent goes too when it is the empty date folder of the default `outputs/<date>/<time>`
-    layout; any other parent (a dir the user named, the working dir) stays.
+    A sweep's dir goes too when nothing but Hydra's multirun.yaml is left in it, and so does
+    an emptied date folder of the default `outputs/[multirun/]<date>/<time>` layout; any other
+    parent (a dir the user named, the working dir) stays.
     """
-    if run_dir.is_dir() and not any((run_dir / name).exists() for name in _RUN_FILES):
+    last = run_dir
+    if run_dir is not None and run_dir.is_dir() and not any((run_dir / name).exists() for name in _RUN_FILES):
         shutil.rmtree(run_dir, ignore_errors=True)
-        parent = run_dir.parent
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", parent.name) and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+    if sweep_dir is not None and sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        last = sweep_dir
+    date = last.parent if last is not None else None
+    if date is not None and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date.name) and date.is_dir() and not any(date.iterdir()):
+        date.rmdir()
+        if date.parent.name == "multirun" and not any(date.parent.iterdir()):
+            date.parent.rmdir()
+
+
+def _sweep_dir_since(argv: list[str], since: float) -> Path | None:
+    """The sweep dir Hydra made (it writes multirun.yaml before composing the jobs) for a
+    sweep whose composition then failed: `hydra.sweep.dir` with `${now:...}` at each second
+    since the start. None when the pattern has other interpolations."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
+    pattern = given[-1] if given else str(OmegaConf.to_container(
+        OmegaConf.load(Path(CONF_DIR) / "config.yaml"), resolve=False)["hydra"]["sweep"]["dir"])
+    for second in range(int(since) - 1, int(time.time()) + 2):
+        moment = datetime.fromtimestamp(second)
+        text = re.sub(r"\$\{now:([^}]*)\}", lambda m: moment.strftime(m.group(1)), pattern)
+        if "${" in text:
+            return None
+        if Path(text, "multirun.yaml").is_file() and Path(text).stat().st_mtime >= since - 1:
+            return Path(text)
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _run(cfg: DictConfig) -> dict | None:
     from genrun.parallel import launch, rank, shared_path  # imported late so `--help` stays quick
 
+    _users_hydra_errors()
     hc = HydraConfig.get()
     run_dir = shared_path(Path(hc.runtime.output_dir))  # under torchrun: rank 0's, on every rank
     sweep = hc.mode == RunMode.MULTIRUN
@@ -63,7 +90,7 @@ def _run(cfg: DictConfig) -> dict | None:
         if cause is None:
             raise
         if rank() == 0:
-            _discard_if_unused(run_dir)
+            _discard_if_unused(run_dir, Path(hc.sweep.dir) if sweep else None)
         print(f"{who}: error: {cause}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -79,6 +106,20 @@ def _run(cfg: DictConfig) -> dict | None:
     if summary["status"] == "diverged" and not sweep:
         sys.exit(3)
     return summary
+
+
+#: The user's own HYDRA_FULL_ERROR, kept while genrun sets it to make Hydra raise what it cannot
+#: compose (worded by `genrun.overrides`); an environment variable, so joblib's workers see it too.
+_USERS_FULL_ERROR = "GENRUN_USERS_HYDRA_FULL_ERROR"
+
+
+def _users_hydra_errors() -> None:
+    """Inside the job: the user's setting again, so Hydra reports a job's own errors as it always does."""
+    users = os.environ.get(_USERS_FULL_ERROR, "")
+    if users:
+        os.environ["HYDRA_FULL_ERROR"] = users
+    else:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def _report(summary: dict) -> None:
@@ -147,13 +188,24 @@ def main() -> None:
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's variables
         argv = _join_torchrun(argv)
     sys.argv = [sys.argv[0], *argv]
+    os.environ.setdefault(_USERS_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
+    hydra_traceback, started = os.environ[_USERS_FULL_ERROR] == "1", time.time()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors; we word them in one line
     try:
         _run()
-    except ValueError as err:
-        # Hydra raises (rather than reports) when two of its modes are given, e.g. `-m --info`
-        if not str(err).startswith("Only one of --run, --multirun"):
+    except Exception as err:
+        from genrun.overrides import COMPOSITION_ERRORS, explain
+
+        if isinstance(err, COMPOSITION_ERRORS) and not hydra_traceback:
+            message = explain(err, argv)
+            made = _sweep_dir_since(argv, started) if "-m" in argv or "--multirun" in argv else None
+            if made is not None:
+                _discard_if_unused(None, made)
+        elif isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
+            message = str(err)  # Hydra raises (rather than reports) two of its modes at once, e.g. `-m --info`
+        else:
             raise
-        print(f"genrun: error: {err}", file=sys.stderr)
+        print(f"genrun: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -76,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.cpu_threads(), task.heavy_items),
                "pin_memory": device.type == "cuda"}
     eval_loaders = {  # private generators: evaluating must not move the training's random stream
-        split: DataLoader(parallel.shard(data, task.means), batch_size=tc.eval_batch_size or tc.batch_size,
+        split: DataLoader(parallel.shard(data), batch_size=tc.eval_batch_size or tc.batch_size,
                           collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0),
                           **loading)
         for split, data in eval_sets.items()
@@ -146,10 +146,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             optimizer.eval()
         results = {}
         for split, loader in eval_loaders.items():
-            with amp():
-                results[split] = task.evaluate(eval_model, loader, partial(to_device, device=device))
-            if task.means:  # each process evaluated a share of the split
-                results[split] = parallel.mean_over_shards(results[split], len(loader.dataset))
+            with amp():  # each process predicts its share of the split; all score every share's part
+                part = task.predict(eval_model, loader, partial(to_device, device=device))
+            results[split] = task.score(parallel.parts(part, loader.dataset))
             emit({"kind": "eval", "step": step, "epoch": epoch, "split": split, **results[split], "lr": lrs()})
         return results
 

@@ -72,7 +72,7 @@ REGISTRY: dict[str, OptimSpec] = {
 }
 
 # Keys of an optim config that are not constructor arguments of the optimizer.
-_META_KEYS = {"name", "lr", "gen", "no_decay_norm_bias"}
+META_KEYS = {"name", "lr", "gen", "no_decay_norm_bias"}
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
@@ -95,7 +95,7 @@ def build_optimizer(cfg: Any, model: nn.Module) -> tuple[torch.optim.Optimizer, 
     optimizer's constructor, so the YAML holds the defaults (conf/optim/*.yaml).
     """
     spec = REGISTRY[cfg["name"]]
-    kwargs = {k: v for k, v in dict(cfg).items() if k not in _META_KEYS}
+    kwargs = {k: v for k, v in dict(cfg).items() if k not in META_KEYS}
     weight_decay = float(kwargs.pop("weight_decay", 0.0))
     groups = param_groups(model, weight_decay, bool(cfg.get("no_decay_norm_bias", True)))
     return spec.build(groups, lr=float(cfg["lr"]), **kwargs), spec

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from genrun.errors import UserError, as_user_error
+from genrun.tasks.base import Share
 
 
 def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
@@ -205,22 +206,18 @@ def mean(value: torch.Tensor) -> torch.Tensor:
     return value / world()
 
 
-def shard(data: Any, shared: bool) -> Any:
-    """This process's share of an evaluation split (every `world`-th example), or all of it."""
-    if world() == 1 or not shared or len(data) < world():  # a process with no example could not average
+def shard(data: Any) -> Any:
+    """This process's share of an evaluation split (every `world`-th example), or, for a split
+    smaller than the process count, all of it (a process with no example would have no part)."""
+    if world() == 1 or len(data) < world():
         return data
-    return torch.utils.data.Subset(data, range(rank(), len(data), world()))
+    return Share(data, rank(), world())
 
 
-def mean_over_shards(metrics: dict[str, float], count: int) -> dict[str, float]:
-    """Split-wide means from each process's means over its `count` examples."""
-    if world() == 1:
-        return metrics
-    keys = list(metrics)  # the same order in every process: the same task code made them
-    sums = torch.tensor([count, *(metrics[k] * count for k in keys)], dtype=torch.float64)
-    dist.all_reduce(sums)
-    total = max(float(sums[0]), 1.0)
-    return {k: float(v) / total for k, v in zip(keys, sums[1:].tolist())}
+def parts(part: Any, data: Any) -> list[Any]:
+    """Every process's `Task.predict` result for `data`, in rank order: gathered when `data` is
+    a share, else this process's alone (it predicted the whole split, as did every other)."""
+    return gather(part) if isinstance(data, Share) else [part]
 
 
 def gather(obj: Any) -> list[Any]:

@@ -1,11 +1,14 @@
 """Config checks that run before anything is built, so bad input fails in one line.
 
 Each rule names a key, a predicate and the allowed values in words. Hydra already rejects
-unknown groups, options and keys; these rules catch values of the right key but wrong kind.
+unknown groups, options and keys (`genrun.overrides` words its errors); these rules catch
+values of the right key but wrong kind, and keys added with `+` that nothing would read.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import re
 from numbers import Real
@@ -95,6 +98,8 @@ def validate(cfg: DictConfig) -> None:
     if tc.batch_size % processes:
         raise UserError(f"trainer.batch_size={tc.batch_size} does not split over {processes} processes "
                         f"(trainer.devices or torchrun's): make it a multiple of {processes}")
+    _check_trainer_keys(cfg)
+    _check_arguments(cfg)
     _check_model_fits_task(cfg)
     gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
     if gen:
@@ -104,13 +109,76 @@ def validate(cfg: DictConfig) -> None:
         known.add("probe_batch")  # the engine's, not GeN's: which batch the closure evaluates
         for key in gen:
             if key not in known:
-                raise UserError(f"optim.gen.{key} is not a GeN setting; known settings: {', '.join(sorted(known))}")
+                raise UserError(f"optim.gen.{key} is not a GeN setting{did_you_mean(key, known, 'optim.gen.')} "
+                                f"(settings: {', '.join(sorted(known))})")
         for key, ok, allowed in GEN_RULES:
             if key in gen:
                 _check(f"optim.gen.{key}", gen[key], ok, allowed)
         if gen.get("probe_batch") == "next" and gen.get("slope", True):
             raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
                             "the gradient's slope belongs to the training batch, not the probed one")
+
+
+def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
+    """`; did you mean <prefix>X?` for the closest of `known`, or nothing."""
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _check_trainer_keys(cfg: DictConfig) -> None:
+    """`+trainer.max_epochs=3` composes (Hydra's own hint suggests the +) but the engine reads
+    trainer keys by name and would ignore it: an unknown trainer key is an error."""
+    known = set(OmegaConf.load(Path(CONF_DIR) / "trainer" / "default.yaml"))
+    for key in cfg.trainer:
+        if key not in known:
+            raise UserError(f"trainer.{key} is not a trainer setting{did_you_mean(str(key), known, 'trainer.')} "
+                            f"(settings: {', '.join(sorted(known))})")
+
+
+def _takes(fn: Callable[..., Any]) -> set[str] | None:
+    """Keyword names `fn` accepts; None when it takes **kwargs (anything goes)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_keys_taken(group: str, keys: list[str], fn: Callable[..., Any], what: str, skip: set[str]) -> None:
+    takes = _takes(fn)
+    if takes is None:
+        return
+    takes -= skip
+    for key in keys:
+        if key not in takes:
+            raise UserError(f"{group}.{key} is not an argument of {what}{did_you_mean(key, takes, group + '.')} "
+                            f"(it takes: {', '.join(sorted(takes)) or 'nothing'})")
+
+
+def _check_arguments(cfg: DictConfig) -> None:
+    """A key the target would not take fails here, in one line, before anything is built:
+    instantiate would raise a TypeError mid-start, a schedule only at its first call."""
+    from hydra.utils import get_object
+
+    from genrun.optim import META_KEYS, REGISTRY
+
+    for group, runtime in (("model", set()), ("sched", {"t", "total"}),
+                           ("logger", {"run_dir", "config", "group", "name", "resume"})):
+        node = cfg.get(group)
+        if node is None or "_target_" not in node:
+            continue
+        keys = [str(k) for k in node if not str(k).startswith("_")]
+        _check_keys_taken(group, keys, get_object(node._target_), node._target_, runtime)
+    name = cfg.optim.get("name")
+    if name not in REGISTRY:
+        raise UserError(f"optim.name={name} is not a known optimizer{did_you_mean(str(name), REGISTRY, 'optim.name=')} "
+                        f"(known: {', '.join(sorted(REGISTRY))})")
+    module, cls = REGISTRY[name].factory.split(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except ImportError:
+        return  # building it will say which package is missing
+    keys = [str(k) for k in cfg.optim if k not in META_KEYS]
+    _check_keys_taken("optim", keys, factory, f"{module}.{cls}", {"params"})
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:

@@ -57,3 +57,17 @@ def genrun(tmp_path):
         )
 
     return _run
+
+
+def scored_in_shares(task, model, data, count: int = 3, batch_size: int = 4, to_device=lambda b: b):
+    """(`task.score` of `count` shares' predictions, as `count` processes make them; `task.evaluate`
+    of the whole split in one process): data-parallel evaluation must give the second."""
+    from torch.utils.data import DataLoader
+
+    from genrun.tasks.base import Share
+
+    def loader(d):
+        return DataLoader(d, batch_size=batch_size, collate_fn=getattr(data, "collate", None))
+
+    parts = [task.predict(model, loader(Share(data, i, count)), to_device) for i in range(count)]
+    return task.score(parts), task.evaluate(model, loader(data), to_device)

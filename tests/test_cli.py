@@ -198,6 +198,58 @@ def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_pat
     assert calls == ([] if threads is None else [threads])
 
 
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        (["trainer.max_epochs=3"], "trainer.max_epochs is not a key of this config; did you mean trainer.epochs?"),
+        (["seeed=1"], "seeed is not a key of this config; did you mean seed?"),
+        (["optim=sgd", "optim.gen.every=3"], "optim.gen.every is not a key of this config: it has no optim.gen"),
+        (["hydra.job.nam=x"], "hydra.job.nam is not a key of this config; did you mean hydra.job.name?"),
+        (["+trainer.epochs=3"], "trainer.epochs already exists: set it without the +"),
+        (["task=cifar1000"], "task=cifar1000 is not an option of task; did you mean task=cifar100? (options: beale,"),
+        (["optim/gen=fastt"], "optim/gen=fastt is not an option of optim/gen; did you mean optim/gen=fast? "
+                              "(options: default, fast)"),
+        (["+experiment=tabel2"], "experiment=tabel2 is not an option of experiment; did you mean experiment=table2?"),
+        (["optim.lr=[1"], "cannot read the override 'optim.lr=[1': no viable alternative at input '[1'"),
+        (["trainer.epochs"], "cannot read the override 'trainer.epochs': missing EQUAL"),
+    ],
+)
+def test_hydra_composition_errors_read_as_one_line_with_the_closest_name(overrides, line):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from genrun import CONF_DIR
+    from genrun.overrides import COMPOSITION_ERRORS, explain
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"), pytest.raises(COMPOSITION_ERRORS) as err:
+        compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    message = explain(err.value, overrides)
+    assert message.startswith(line) and "\n" not in message, message
+
+
+def test_a_typo_in_a_key_is_one_line_and_leaves_no_run_or_sweep_dir(genrun, tmp_path):
+    proc = genrun("trainer.max_epochs=3")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "genrun: error: trainer.max_epochs is not a key of this config; did you mean trainer.epochs? "
+        "(`genrun --cfg job` prints every key)"]
+    # Hydra writes the sweep's multirun.yaml before it composes the jobs
+    proc = genrun("-m", "seed=0,1", "optim.gen.evry=1")
+    assert proc.returncode == 2 and "did you mean optim.gen.every?" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+    # a bad value in the sweep's first job: its dir and the sweep's go
+    proc = genrun("-m", "seed=0,1", "optim.gen.every=0", "hydra.sweep.dir=sweep")
+    assert proc.returncode == 2 and not (tmp_path / "sweep").exists()
+
+
+def test_hydra_full_error_keeps_hydras_own_traceback(genrun, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    proc = genrun("trainer.max_epochs=3")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+
+
 def test_two_hydra_modes_at_once_is_a_one_line_error(genrun):
     proc = genrun("-m", "--info")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

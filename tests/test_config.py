@@ -12,7 +12,7 @@ from genrun.errors import UserError
 from genrun.optim import REGISTRY, build_optimizer
 from genrun.validate import models_for, validate
 
-from conftest import options
+from conftest import CONF, options
 
 SMALL_TASKS = ["digits", "mnist5k"]
 
@@ -153,8 +153,46 @@ def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, overrid
 
 
 def test_unknown_gen_setting_is_named(compose_cfg):
-    with pytest.raises(UserError, match=r"optim.gen.evry is not a GeN setting"):
+    with pytest.raises(UserError, match=r"optim.gen.evry is not a GeN setting; did you mean optim.gen.every\?"):
         validate(compose_cfg(["+optim.gen.evry=3"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # Hydra suggests `+key=value` for an unknown key; the engine would then ignore it
+        (["+trainer.max_epochs=3"], "trainer.max_epochs is not a trainer setting; did you mean trainer.epochs?"),
+        (["+optim.momentm=0.9"], "optim.momentm is not an argument of torch.optim.SGD; did you mean optim.momentum?"),
+        (["optim=dog", "+optim.init_eata=1e-6"], "optim.init_eata is not an argument of dog.DoG; did you mean optim.init_eta?"),
+        # a schedule would take it only at its first call, mid-start; a model or logger at instantiate
+        (["optim=sgd", "sched=cosine", "+sched.warmup=3"], "sched.warmup is not an argument of genrun.sched.cosine (it takes: nothing)"),
+        (["optim=sgd", "sched=warmup_cosine", "+sched.warmpu=3"], "did you mean sched.warmup?"),
+        (["+model.widht=8"], "model.widht is not an argument of genrun.models.SmallCNN; did you mean model.width?"),
+        (["logger=wandb", "+logger.projet=x"], "logger.projet is not an argument of genrun.sinks.WandbSink; did you mean logger.project?"),
+        (["optim.name=sgdd"], "optim.name=sgdd is not a known optimizer; did you mean optim.name=sgd?"),
+    ],
+)
+def test_keys_nothing_would_read_are_named_with_the_closest_valid_one(compose_cfg, overrides, message):
+    with pytest.raises(UserError) as err:
+        validate(compose_cfg(overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_key_a_target_takes_through_kwargs_is_not_second_guessed(compose_cfg):
+    # timm/torchvision-style factories that take **kwargs are passed whatever the user adds
+    from genrun.validate import _check_keys_taken
+
+    _check_keys_taken("model", ["anything"], lambda arch, **kwargs: None, "f", set())
+    with pytest.raises(UserError, match="model.anything is not an argument of f"):
+        _check_keys_taken("model", ["anything"], lambda arch: None, "f", set())
+
+
+@pytest.mark.parametrize("preset, row", [
+    (d.name.removesuffix("_row"), r.stem) for d in sorted((CONF / "experiment").glob("*_row"))
+    for r in sorted(d.glob("*.yaml"))])
+def test_every_experiment_row_validates(compose_cfg, preset, row):
+    # rows set optimizer and schedule arguments: each must be one its target takes
+    validate(compose_cfg([f"+experiment={preset}", f"experiment/{preset}_row={row}"]))
 
 
 @pytest.mark.parametrize("preset", options("optim/gen"))

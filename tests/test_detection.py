@@ -19,7 +19,7 @@ from genrun.errors import DataMissing, UserError
 from genrun.models import mask_rcnn
 from genrun.tasks.detection import PennFudan, SyntheticScenes
 
-from conftest import GENRUN
+from conftest import GENRUN, scored_in_shares
 
 # per image: (height, width, [(top, left, bottom, right) of each pedestrian, inclusive])
 PEOPLE = [(40, 50, [(5, 4, 30, 15), (10, 30, 35, 44)]), (36, 36, [(2, 2, 20, 12)]),
@@ -145,6 +145,34 @@ def test_coco_ap_is_one_for_the_truth_and_zero_for_nothing():
     nothing = task.evaluate(Oracle(test.targets, empty=True), loader, lambda b: b)
     assert nothing["bbox_ap"] == 0.0 and nothing["segm_ap"] == 0.0
     assert "finds nothing" in task.diagnose({"test": nothing}) and task.diagnose({"test": perfect}) is None
+
+
+class NoisyOracle(torch.nn.Module):
+    """The ground truth of each image (found by the image itself, so any order of images works),
+    boxes shifted by a per-image amount and every other image's last instance dropped."""
+
+    def __init__(self, images, targets) -> None:
+        super().__init__()
+        self.truth = {float(image.sum()): (i, t) for i, (image, t) in enumerate(zip(images, targets))}
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            i, target = self.truth[float(image.sum())]
+            keep = slice(None) if i % 2 else slice(0, max(1, len(target["boxes"]) - 1))
+            out.append({"boxes": target["boxes"][keep] + 2.0 * i, "labels": target["labels"][keep],
+                        "scores": torch.linspace(1.0, 0.5, len(target["boxes"]))[keep],
+                        "masks": target["masks"][keep, None].float()})
+        return out
+
+
+def test_shares_of_a_split_score_as_the_whole_split_does():
+    # COCO AP is not a mean over images: the shares' detections are pooled before scoring
+    task = SyntheticScenes(size=64, train_size=1, test_size=7, min_side=8, max_side=40)
+    test = task.datasets()[1]["test"]
+    images, targets = test.collate(list(test))
+    shared, whole = scored_in_shares(task, NoisyOracle(images, targets), test, batch_size=2)
+    assert shared == pytest.approx(whole, rel=1e-6) and 0.05 < whole["bbox_ap"] < 0.95
 
 
 def test_mask_rcnn_trains_and_predicts_for_the_tasks_categories():

@@ -17,12 +17,13 @@ import torch
 from hydra.utils import instantiate
 
 from genrun.errors import DataMissing, UserError
+from genrun.tasks.base import Share
 from genrun.tasks.nlg import E2E, IGNORE, SEPARATOR, Pairs, SyntheticE2E, read_e2e
 from genrun.tasks.nlg_metrics import check_metrics, score
 from genrun.text_models import CausalLM
 from genrun.validate import validate
 
-from conftest import GENRUN
+from conftest import GENRUN, scored_in_shares
 
 # (mr, ref) rows as E2E writes them: an MR repeats once per reference
 ROWS = [
@@ -130,7 +131,7 @@ def test_pairs_mask_the_prompt_end_with_eos_and_pad_each_side_as_needed():
     batch = data.collate([data[1], data[0]])
     assert batch["input_ids"].shape == (2, len(ids)) and batch["attention_mask"][0].sum() == len(data[1][0])
     assert (batch["labels"][0, len(data[1][0]):] == IGNORE).all()  # right padding carries no loss
-    prompts = data.prompts(0, 2)
+    prompts = data.prompts(range(2))
     assert prompts["attention_mask"][1].tolist() == [0, 1, 1]  # left padding for generation
     assert prompts["input_ids"][1, 1:].tolist() == data.groups[1][0]
     with pytest.raises(UserError, match=r"task.max_length=3 leaves no room .* raise it above 3"):
@@ -247,6 +248,25 @@ def test_batched_decoding_from_left_padded_prompts_equals_one_at_a_time(tiny_gpt
     assert task.decode(model, data, batch_size=3, to_device=lambda b: b) == together[:2]
 
 
+def test_shares_of_a_split_decode_each_mr_once_and_score_as_the_whole_split_does(tiny_gpt2):
+    # the loss is pooled over the shares' (MR, reference) pairs; texts over every count-th MR
+    task = SyntheticE2E(str(tiny_gpt2), metrics=COCO_FREE, max_new_tokens=8)
+    torch.manual_seed(0)
+    model = CausalLM(64, 8, pretrained=str(tiny_gpt2)).eval()
+    data = task.encode(ROWS * 2 + [(f"name[Spot {i}]", f"Spot {i} is a place.") for i in range(4)])
+    shared, whole = scored_in_shares(task, model, data, count=3)
+    assert shared == pytest.approx(whole, rel=1e-6) and whole["words"] > 0
+    parts = [task.predict(model, torch.utils.data.DataLoader(Share(data, i, 3), batch_size=4, collate_fn=data.collate),
+                          lambda b: b) for i in range(3)]
+    decoded = sorted(item for part in parts for item in part["texts"])
+    assert [g for g, _, _ in decoded] == list(range(len(data.groups)))  # each MR decoded by one share
+    assert [text for _, text, _ in decoded] == task.decode(model, data, batch_size=4, to_device=lambda b: b)
+    task.decode_limit = 2
+    assert len([item for i in range(3) for item in task.predict(
+        model, torch.utils.data.DataLoader(Share(data, i, 3), batch_size=4, collate_fn=data.collate),
+        lambda b: b)["texts"]]) == 2
+
+
 def _only(data: Pairs, i: int) -> Pairs:
     single = object.__new__(Pairs)
     single.__dict__.update(data.__dict__, groups=[data.groups[i]])
@@ -343,6 +363,24 @@ def test_a_gpt2_from_scratch_learns_the_synthetic_restaurants(genrun, tmp_path, 
     assert train[0] > 6.0 > 2.0 > train[-1]  # from ln(600) = 6.4, a uniform guess
     test = json.loads((run / "summary.json").read_text())["final"]["test"]
     assert test["bleu"] > 20.0 and test["rouge_l"] > 40.0 and 5 < test["words"] < 40, test  # untrained: ~0
+
+
+def test_two_processes_evaluate_generation_as_one_does(genrun, tmp_path, tiny_gpt2):
+    # an lr of 1e-12 leaves the weights as they start: both runs score the same model, one of
+    # them in two processes that each decode half of the MRs and gather the texts
+    finals = []
+    for devices in (1, 2):
+        run = tmp_path / str(devices)
+        proc = genrun("task=synthetic_e2e", "model=gpt2_tiny", f"model.tokenizer={tiny_gpt2}", "model.width=64",
+                      "task.train_mrs=8", "task.eval_mrs=5", "task.max_new_tokens=8",
+                      f"task.metrics={COCO_FREE}".replace("'", ""), "optim=adamw", "optim.lr=1e-12",
+                      "trainer.max_steps=1", "trainer.batch_size=4", f"trainer.devices={devices}",
+                      "trainer.progress=off", "logger=none", f"hydra.run.dir={run}", timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        finals.append(json.loads((run / "summary.json").read_text())["final"])
+    assert finals[1].keys() == finals[0].keys() == {"dev", "test"}
+    for split in ("dev", "test"):
+        assert finals[1][split] == pytest.approx(finals[0][split], rel=1e-5), split
 
 
 def test_table3_report_from_an_offline_sweep(genrun, tmp_path):

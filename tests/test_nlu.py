@@ -22,7 +22,7 @@ from genrun.text_models import TextClassifier
 from genrun.tasks.nlu import GLUE, NEGATIVE, POSITIVE, Glue, SyntheticSentiment, read_glue, scores
 from genrun.validate import validate
 
-from conftest import GENRUN
+from conftest import GENRUN, scored_in_shares
 
 WORDS = sorted({*POSITIVE, *NEGATIVE, "the", "movie", "plot", "was", "not", "very", "what", "a", "is", "good", "bad",
                 "cat", "dog", "sat", "on", "mat", "\"quoted\"", "."})
@@ -197,6 +197,17 @@ def test_an_unreadable_cache_file_is_tokenized_again_and_replaced(tmp_path, tiny
 
 def _trainable(model: TextClassifier) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("task, labels, metric", [("cola", 2, "mcc"), ("mrpc", 2, "f1"), ("stsb", 1, "spearman")])
+def test_shares_of_a_split_score_as_the_whole_split_does(tmp_path, tiny_bert, task, labels, metric):
+    # MCC, F1 and correlations are not means: the shares' predictions are pooled before scoring
+    write_glue(tmp_path, task, copies=3)
+    glue = Glue(task, str(tmp_path), str(tiny_bert), labels)
+    torch.manual_seed(1)
+    model = TextClassifier(str(tiny_bert), num_labels=labels).eval()
+    shared, whole = scored_in_shares(glue, model, glue.datasets()[1]["dev"])
+    assert shared == pytest.approx(whole, rel=1e-6) and metric in whole
 
 
 def test_finetune_modes_train_what_they_say(tiny_bert):

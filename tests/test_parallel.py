@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GENRUN
+from conftest import GENRUN, scored_in_shares
 from genrun.checkpoint import rng_of
 from genrun.errors import UserError
 from genrun.runtime import EpochBatches
@@ -115,7 +115,7 @@ def test_loader_workers_do_not_change_the_run(genrun, tmp_path, task):
     assert _train_records(tmp_path / "0") == _train_records(tmp_path / "2")
 
 
-def test_evaluation_shards_make_up_the_split_and_average_by_count(monkeypatch):
+def test_evaluation_shares_make_up_the_split(monkeypatch):
     from genrun import parallel
 
     data = list(range(7))
@@ -123,10 +123,29 @@ def test_evaluation_shards_make_up_the_split_and_average_by_count(monkeypatch):
     shares = []
     for r in range(3):
         monkeypatch.setattr(parallel, "rank", lambda r=r: r)
-        shares.append(list(parallel.shard(data, shared=True)))
-        assert parallel.shard(data, shared=False) is data  # a task whose metrics are not means
+        shares.append(list(parallel.shard(data)))
     assert sorted(i for s in shares for i in s) == data and [len(s) for s in shares] == [3, 2, 2]
-    assert parallel.shard([1, 2], shared=True) == [1, 2]  # fewer examples than processes: all of it
+    assert parallel.shard([1, 2]) == [1, 2]  # fewer examples than processes: all of it
+    assert parallel.parts("mine", [1, 2]) == ["mine"]  # ... and its own prediction is the split's
+
+
+def test_shares_of_a_split_score_as_the_whole_split_does():
+    from genrun.models import BERT4Rec, SmallCNN
+    from genrun.tasks.recsys import SyntheticSequences
+    from genrun.tasks.synthetic import Beale, Point
+    from genrun.tasks.vision import Digits
+
+    torch.manual_seed(0)  # rel=1e-6: each batch's float32 sum depends on which examples share it
+    task = Digits()
+    shared, whole = scored_in_shares(task, SmallCNN(num_classes=10, in_channels=1).eval(),
+                                     task.datasets()[1]["test"], batch_size=64)
+    assert shared == pytest.approx(whole, rel=1e-6) and 0.0 < whole["acc"] < 1.0
+    task = SyntheticSequences(num_items=40, users=30, max_len=12, negatives=20)
+    model = BERT4Rec(num_items=40, max_len=12, hidden=16, layers=1, heads=2, dropout=0.0).eval()
+    shared, whole = scored_in_shares(task, model, task.datasets()[1]["test"], batch_size=8)
+    assert shared == pytest.approx(whole, rel=1e-6) and 0.0 < whole["recall@10"] < 1.0
+    task = Beale(start=[0.5, -1.0], iterations=3)
+    assert scored_in_shares(task, Point(task.start), task.datasets()[1]["test"], count=1)[0]["objective"] > 0
 
 
 def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):

@@ -31,19 +31,19 @@ class Task:
     training set with `set_epoch(epoch)` (PyTorch's convention) is told each epoch first; a
     data set with a `collate(items)` method batches its own items (e.g. padding text).
     `loss(model, batch)` is the scalar training objective of one (micro-)batch.
-    `evaluate(model, loader, to_device)` returns metrics averaged over a whole split; the
-    default sums `metric_sums` over batches, which suits averages such as accuracy.
+    `predict(model, loader, to_device)` reduces a split, or one process's share of it (a
+    `Share`), to what `score` needs (picklable, on the CPU); `score(parts)` turns the parts of
+    every share, in order, into the split's metrics. Data-parallel processes each predict a
+    share and score the gathered parts; one process scores `[predict(whole split)]`
+    (`evaluate`). The default `predict` sums `metric_sums` over batches and `score` divides by
+    the count, which suits averages such as accuracy; F1, BLEU or mAP keep predictions instead.
     `step_metrics(model)` may add numbers to every logged train record.
     `diagnose(results)` may return a one-line warning about a finished run's final metrics.
-    `means`: every metric `evaluate` returns is a mean over the split's examples (true of the
-    default `evaluate`), so data-parallel processes may each evaluate a share of the split and
-    average by example count. A task whose metrics are not (BLEU, F1, mAP) leaves it False.
     `heavy_items`: making an item costs real work (decoding an image file, drawing a scene),
     so on a GPU DataLoader worker processes pay for themselves; in-memory items do not.
     """
 
     name: str = "task"
-    means: bool = False
     heavy_items: bool = False
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
@@ -65,19 +65,57 @@ class Task:
         return None
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
+    def predict(self, model: nn.Module, loader: DataLoader, to_device) -> Any:
         totals: dict[str, torch.Tensor] = {}
         for batch in loader:
             for key, value in self.metric_sums(model, to_device(batch)).items():
                 totals[key] = totals.get(key, 0) + value.detach().double()
-        count = float(totals.pop("count"))
-        return {key: float(value) / max(count, 1.0) for key, value in totals.items()}
+        return {key: float(value) for key, value in totals.items()}
+
+    def score(self, parts: list[Any]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for part in parts:
+            for key, value in part.items():
+                totals[key] = totals.get(key, 0.0) + value
+        count = totals.pop("count", 0.0)
+        return {key: value / max(count, 1.0) for key, value in totals.items()}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
+        """The split's metrics, in one process."""
+        return self.score([self.predict(model, loader, to_device)])
+
+
+class Share(Dataset):
+    """Every `count`-th item of `whole` from `index` on: one process's share of an evaluation split.
+
+    A task whose evaluation is not one result per item reads `whole`, `index` and `count` to
+    split that work the same way (text generation decodes each distinct prompt once).
+    """
+
+    def __init__(self, whole: Dataset, index: int, count: int) -> None:
+        self.whole, self.index, self.count = whole, index, count
+
+    def __len__(self) -> int:
+        return len(range(self.index, len(self.whole), self.count))  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.whole[self.index + i * self.count]
+
+
+def in_split_order(parts: list[list[Any]]) -> list[Any]:
+    """Per-item results of every share (in share order) back in the split's order: share i
+    holds items i, i + n, i + 2n, ..., so the split is their round robin."""
+    longest = max((len(p) for p in parts), default=0)
+    return [part[j] for j in range(longest) for part in parts if j < len(part)]
+
+
+def share_of(data: Dataset) -> tuple[Dataset, int, int]:
+    """(whole split, index, count) of `data`, a `Share` or a whole split (0, 1)."""
+    return (data.whole, data.index, data.count) if isinstance(data, Share) else (data, 0, 1)
 
 
 class ClassificationTask(Task):
     """Batches are `(inputs, labels)`; the loss is cross-entropy; metrics are loss and accuracy."""
-
-    means = True
 
     num_classes: int
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataMissing, UserError
-from genrun.tasks.base import Task
+from genrun.tasks.base import Task, in_split_order
 
 PENN_FUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 # torchmetrics' key -> ours, for each IoU type
@@ -98,15 +98,20 @@ class DetectionTask(Task):
         return sum(model(images, targets).values())
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, to_device) -> dict[str, float]:
+    def predict(self, model: nn.Module, loader, to_device) -> dict[str, list[dict[str, torch.Tensor]]]:
+        preds, truths = [], []  # COCO AP is not a mean over images: keep the detections
+        for batch in loader:
+            images, targets = to_device(batch)
+            preds += [_binary(o) for o in model(images)]
+            truths += [{k: t[k].cpu() for k in ("boxes", "labels", "masks")} for t in targets]
+        return {"preds": preds, "targets": truths}
+
+    def score(self, parts: list[dict[str, list[dict[str, torch.Tensor]]]]) -> dict[str, float]:
         from torchmetrics.detection import MeanAveragePrecision
 
         metric = MeanAveragePrecision(iou_type=("bbox", "segm"))
-        for batch in loader:
-            images, targets = to_device(batch)
-            outputs = model(images)
-            metric.update([_binary(o) for o in outputs], [{k: t[k].cpu() for k in ("boxes", "labels", "masks")}
-                                                          for t in targets])
+        # in the split's order: COCO's ranking of equal scores follows the order images came in
+        metric.update(in_split_order([p["preds"] for p in parts]), in_split_order([p["targets"] for p in parts]))
         results = metric.compute()
         return {f"{iou}_{ours}": float(results[f"{iou}_{theirs}"])
                 for iou in ("bbox", "segm") for theirs, ours in AP_KEYS.items()}

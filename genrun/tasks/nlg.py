@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataMissing, UserError
-from genrun.tasks.base import Task, pad
-from genrun.tasks.nlg_metrics import METRICS, check_metrics, score
+from genrun.tasks.base import Task, pad, share_of
+from genrun.tasks.nlg_metrics import METRICS, check_metrics, score as score_texts
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/archive/v1.0.0.zip"
 E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
@@ -100,11 +100,11 @@ class Pairs(Dataset):
         return {"input_ids": pad(ids, self.pad), "labels": pad(labels, IGNORE),
                 "attention_mask": pad([torch.ones_like(t) for t in ids], 0)}
 
-    def prompts(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Prompts of groups[start:stop], padded on the left as decoder-only generation needs."""
-        chosen = [torch.tensor(ids) for ids, _ in self.groups[start:stop]]
-        return {"input_ids": pad(chosen, self.pad, left=True),
-                "attention_mask": pad([torch.ones_like(t) for t in chosen], 0, left=True)}
+    def prompts(self, chosen: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Prompts of the `chosen` groups, padded on the left as decoder-only generation needs."""
+        ids = [torch.tensor(self.groups[g][0]) for g in chosen]
+        return {"input_ids": pad(ids, self.pad, left=True),
+                "attention_mask": pad([torch.ones_like(t) for t in ids], 0, left=True)}
 
 
 class GenerationTask(Task):
@@ -153,30 +153,42 @@ class GenerationTask(Task):
         return self._token_losses(model, batch, self.label_smoothing).sum() / count
 
     @torch.no_grad()
-    def decode(self, model: nn.Module, data: Pairs, batch_size: int, to_device) -> list[str]:
-        """One text per MR of `data.groups` (the first `decode_limit`), eos and padding cut off."""
-        count = len(data.groups) if self.decode_limit is None else min(self.decode_limit, len(data.groups))
+    def decode(self, model: nn.Module, data: Pairs, batch_size: int, to_device,
+               chosen: Sequence[int] | None = None) -> list[str]:
+        """One text per MR of `data.groups` (`chosen` ones, else the first `decode_limit`), eos and
+        padding cut off."""
+        if chosen is None:
+            chosen = range(self.decoded(data))
         texts: list[str] = []
-        for start in range(0, count, batch_size):
-            prompts = to_device(data.prompts(start, min(start + batch_size, count)))
+        for start in range(0, len(chosen), batch_size):
+            prompts = to_device(data.prompts(chosen[start:start + batch_size]))
             out = model.generate(**prompts, eos_token_id=data.eos, pad_token_id=data.pad, **self.decoding)
             for row in out[:, prompts["input_ids"].shape[1]:].tolist():
                 row = row[:row.index(data.eos)] if data.eos in row else row
                 texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
+    def decoded(self, data: Pairs) -> int:
+        """How many of the split's MRs are decoded and scored (`decode_limit`)."""
+        return len(data.groups) if self.decode_limit is None else min(self.decode_limit, len(data.groups))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, to_device) -> dict[str, float]:
+    def predict(self, model: nn.Module, loader, to_device) -> dict[str, Any]:
         total, tokens = 0.0, 0
-        for batch in loader:
+        for batch in loader:  # the loss over this share's (MR, reference) pairs
             batch = to_device(batch)
             total += float(self._token_losses(model, batch, 0.0).sum())
             tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
-        loss = total / max(tokens, 1)
-        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
-        texts = self.decode(model, loader.dataset, loader.batch_size, to_device)
-        refs = [r for _, r in loader.dataset.groups[:len(texts)]]
-        out.update(score(texts, refs, self.metrics))
+        whole, index, count = share_of(loader.dataset)  # texts: every count-th MR, decoded once
+        chosen = range(index, self.decoded(whole), count)
+        texts = self.decode(model, whole, loader.batch_size, to_device, chosen)
+        return {"loss": total, "tokens": tokens, "texts": [(g, text, whole.groups[g][1]) for g, text in zip(chosen, texts)]}
+
+    def score(self, parts: list[dict[str, Any]]) -> dict[str, float]:
+        loss = sum(p["loss"] for p in parts) / max(sum(p["tokens"] for p in parts), 1)
+        decoded = sorted(item for p in parts for item in p["texts"])  # in the split's MR order
+        texts, refs = [text for _, text, _ in decoded], [r for _, _, r in decoded]
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), **score_texts(texts, refs, self.metrics)}
         out["words"] = float(np.mean([len(t.split()) for t in texts]))  # a collapsed decoder writes nothing
         return out
 

@@ -179,16 +179,19 @@ class TextTask(Task):
         return self._loss(*self._outputs(model, batch))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, to_device) -> dict[str, float]:
-        # F1, MCC and correlations are not averages over batches: gather the split's predictions
+    def predict(self, model: nn.Module, loader, to_device) -> dict[str, Any]:
+        # F1, MCC and correlations are not averages over batches: keep the predictions
         total, preds, labels = 0.0, [], []
         for batch in loader:
             outputs, target = self._outputs(model, to_device(batch))
             total += float(self._loss(outputs, target, reduction="sum"))
             preds.append((outputs if self.num_labels == 1 else outputs.argmax(-1)).cpu())
             labels.append(target.cpu())
-        pred, label = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-        out = {"loss": total / max(len(label), 1), **scores(self.metrics, pred, label)}
+        return {"loss": total, "pred": torch.cat(preds).numpy(), "label": torch.cat(labels).numpy()}
+
+    def score(self, parts: list[dict[str, Any]]) -> dict[str, float]:
+        pred, label = np.concatenate([p["pred"] for p in parts]), np.concatenate([p["label"] for p in parts])
+        out = {"loss": sum(p["loss"] for p in parts) / max(len(label), 1), **scores(self.metrics, pred, label)}
         if self.num_labels > 1:  # a network that predicts one class for everything has collapsed
             out["top_class_share"] = float(np.bincount(pred, minlength=self.num_labels).max() / max(len(pred), 1))
         return out

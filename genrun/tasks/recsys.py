@@ -133,8 +133,6 @@ def ranking_metrics(scores: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str,
 class SequentialRecTask(Task):
     """BERT4Rec's Cloze training and leave-one-out ranking over the sequences of ``sequences()``."""
 
-    means = True  # loss, Recall@k and NDCG@k are per-user means
-
     def __init__(self, num_items: int, max_len: int = 200, mask_prob: float = 0.2, negatives: int = 100,
                  split_seed: int = 0, **_: object) -> None:
         for key, value, low in (("num_items", num_items, 2), ("max_len", max_len, 2), ("negatives", negatives, 1)):

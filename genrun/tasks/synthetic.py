@@ -111,11 +111,14 @@ class Function2D(Task):
         return {"objective": value, "gap": value - self.f_min, "count": torch.tensor(1.0)}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
+    def predict(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
         """The objective at the current point and its gap to the minimum (no data involved)."""
         w = model().detach()
         value = float(self.value(w))
         return {"objective": value, "gap": value - self.f_min, "x1": float(w[0]), "x2": float(w[1])}
+
+    def score(self, parts: list[dict[str, float]]) -> dict[str, float]:
+        return parts[0]  # every share saw the same point
 
     @torch.no_grad()
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
