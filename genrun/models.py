@@ -267,8 +267,8 @@ class BERT4Rec(nn.Module):
 
     Token ids: 0 pads, 1..num_items are items, num_items + 1 is the mask token. The encoder
     is BERT's (post-norm, GELU, learned positions, LayerNorm and dropout on the embeddings,
-    truncated N(0, 0.02) embeddings and linear layers; attention's fused input projection
-    keeps torch's Xavier init), built from torch's own ``nn.TransformerEncoder``; the output
+    truncated N(0, 0.02) embeddings and weights, attention's fused query/key/value projection
+    included), built from torch's own ``nn.TransformerEncoder``; the output
     layer is BERT's masked-LM head, a dense-GELU-LayerNorm transform scored against the
     (shared) item embeddings plus a bias per item. Defaults are the authors' MovieLens-1M
     settings: d = 64, 2 layers, 2 heads, feed-forward 4d, dropout 0.2, 200 positions.
@@ -295,6 +295,9 @@ class BERT4Rec(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if isinstance(module, nn.MultiheadAttention):  # its q/k/v weights are one Parameter, not a Linear
+                nn.init.trunc_normal_(module.in_proj_weight, std=0.02, a=-0.04, b=0.04)
+                nn.init.zeros_(module.in_proj_bias)
         with torch.no_grad():
             self.items.weight[0].zero_()
 

@@ -1,10 +1,10 @@
 """Hydra's composition errors (a typo in a key, an option, the override syntax) as one line.
 
 Hydra prints these over several lines and, for an unknown key, suggests appending it with
-`+`, which composes but trains with the key ignored. `genrun` lets Hydra raise them
-(`HYDRA_FULL_ERROR`) and words them here: the override, what is wrong, the closest valid
-name and where to see the rest. With HYDRA_FULL_ERROR=1 set by the user, Hydra's own
-traceback is shown instead.
+`+`, which composes but trains with the key ignored. `genrun` sets HYDRA_FULL_ERROR until
+the job starts, so that Hydra raises them, and words them here: the override, what is wrong,
+the closest valid name and where to see the rest. With HYDRA_FULL_ERROR=1 set by the user,
+Hydra's own traceback is shown instead; a job's own errors are reported as Hydra always does.
 """
 
 from __future__ import annotations

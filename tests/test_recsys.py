@@ -192,6 +192,19 @@ def test_bert4rec_shapes_padding_and_limits():
         BERT4Rec(num_items=30, hidden=10, heads=4)
 
 
+def test_bert4rec_starts_every_weight_as_bert_does():
+    # BERT's truncated N(0, 0.02) (cut at 2σ: std 0.88·0.02) for embeddings and every weight
+    # matrix, attention's fused q/k/v projection included (torch would give it Xavier's 0.09 here)
+    torch.manual_seed(0)
+    model = BERT4Rec(num_items=500, max_len=50, hidden=64)
+    matrices = {name: p for name, p in model.named_parameters() if p.ndim == 2}
+    assert any("in_proj_weight" in name for name in matrices)
+    for name, weight in matrices.items():
+        assert weight.abs().max() <= 0.04, name
+        assert 0.015 < weight[weight != 0].std() < 0.02, name
+    assert all(not p.detach().any() for name, p in model.named_parameters() if name.endswith("in_proj_bias"))
+
+
 def test_bert4rec_composes_with_both_sequence_tasks(compose_cfg):
     for task in ("ml1m", "synthetic_seqrec"):
         cfg = compose_cfg([f"task={task}", "model=bert4rec"])
