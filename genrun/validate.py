@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import re
 from numbers import Real
 from pathlib import Path
@@ -161,6 +162,21 @@ def _check_arguments(cfg: DictConfig) -> None:
 
     from genrun.optim import META_KEYS, REGISTRY
 
+    quiet = logging.getLogger("hydra.utils")  # get_object logs its failure at ERROR before raising it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        for group in ("task", "model", "sched", "logger"):
+            target = OmegaConf.select(cfg, f"{group}._target_")
+            try:
+                if target is not None:
+                    get_object(target)
+            except Exception as err:  # Hydra wraps the reason in an ImportError of several lines
+                why = next((line for line in str(err).splitlines()[1:] if line.strip()), str(err)).strip()
+                raise UserError(f"{group}._target_={target} cannot be imported ({why}): install its package, "
+                                "or put its folder on PYTHONPATH (e.g. PYTHONPATH=. genrun ...)") from None
+    finally:
+        quiet.setLevel(level)
     for group, runtime in (("model", set()), ("sched", {"t", "total"}),
                            ("logger", {"run_dir", "config", "group", "name", "resume"})):
         node = cfg.get(group)

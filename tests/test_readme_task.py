@@ -50,3 +50,11 @@ def test_readme_task_and_model_train_from_the_users_folder(tmp_path):
     assert summary["status"] == "finished" and summary["final"]["test"]["acc"] >= 0.9, summary["final"]
     config = (run / ".hydra" / "config.yaml").read_text()
     assert "_target_: mytask.Wine" in config and "_target_: mytask.mlp" in config
+    # the same command without the folder on PYTHONPATH: one line that says so, and no run dir
+    env.pop("PYTHONPATH")
+    proc = subprocess.run([str(GENRUN), *words[1:], f"hydra.run.dir={tmp_path / 'lost'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "genrun: error: task._target_=mytask.Wine cannot be imported (ModuleNotFoundError(\"No module named "
+        "'mytask'\")): install its package, or put its folder on PYTHONPATH (e.g. PYTHONPATH=. genrun ...)"]
+    assert not (tmp_path / "lost").exists()
