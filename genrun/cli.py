@@ -184,6 +184,11 @@ def _join_torchrun(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # Hydra's own --version would print only Hydra's
+        from genrun import version_line
+
+        print(version_line())
+        return
     argv = _route_resume(sys.argv[1:])
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's variables
         argv = _join_torchrun(argv)

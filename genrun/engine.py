@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from genrun import checkpoint, parallel
+from genrun import checkpoint, parallel, versions
 from genrun.errors import UserError
 from genrun.gen import GeN
 from genrun.optim import build_optimizer
@@ -55,6 +55,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     rank, world = parallel.rank(), parallel.world()  # 0, 1 unless trainer.devices > 1
     main = rank == 0  # the process that writes the run's files
     device = pick_device(tc.device, parallel.local_rank())
+    software = {**versions(), "torch": torch.__version__,  # with its build tag (+cu130, +cpu)
+                **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
     if tc.get("threads") or (world > 1 and device.type == "cpu"):
         torch.set_num_threads(tc.get("threads") or parallel.cpu_threads())
     resume = checkpoint.load(tc.resume) if tc.resume else None
@@ -266,6 +268,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "device": str(device),
             "devices": world,
             "run_dir": str(run_dir),
+            "versions": software,
         }
         if main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import GENRUN, ROOT
+from genrun import __version__ as genrun_version
+
 FAST = ["+experiment=fast", "trainer.progress=off"]
 
 
@@ -29,6 +32,7 @@ def test_default_run_trains_digits_with_gen_sgd_to_95_percent(genrun, tmp_path):
     assert summary["final"]["test"]["acc"] >= 0.95
     assert summary["gen"]["probes"] > 0 and summary["gen"]["accepted"] > 0
     assert summary["wall_time_s"] > 0 and summary["peak_memory_mb"] > 0
+    assert summary["versions"]["genrun"] == genrun_version and summary["versions"]["torch"] == torch.__version__
     for name in ("metrics.jsonl", "gen.jsonl", "ckpt.pt", "metrics.csv", ".hydra/config.yaml", ".hydra/overrides.yaml"):
         assert (run_dir / name).exists(), name
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -54,6 +58,20 @@ def test_overrides_pick_groups_and_keys(genrun, tmp_path):
     lrs = [r["lr"][0] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert lrs[0] < 0.05 and lrs == sorted(lrs, reverse=True)  # cosine decay from 0.05
     assert not (run_dir / "gen.jsonl").exists() or not (run_dir / "gen.jsonl").read_text()
+
+
+def test_version_names_genrun_its_commit_and_the_libraries(genrun):
+    import subprocess
+
+    proc = genrun("--version")
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1
+    assert proc.stdout.startswith(f"genrun {genrun_version}") and f"torch {torch.__version__.split('+')[0]}" in proc.stdout
+    if (ROOT / ".git").exists():  # a checkout: the commit it runs, as a bug report needs
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        assert f"(commit {head}" in proc.stdout
+    report = subprocess.run([str(GENRUN.with_name("genrun-report")), "--version"], capture_output=True, text=True)
+    assert report.returncode == 0 and report.stdout.startswith("genrun-report ") and report.stdout.count("\n") == 1
 
 
 def test_cfg_job_prints_the_resolved_config(genrun):

@@ -13,6 +13,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from genrun import version_line
 from genrun.report import sweep
 from genrun.report.runs import load_runs
 
@@ -21,9 +22,11 @@ REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "tabl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genrun-report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="genrun-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
     parser.add_argument("sweep_dir", type=Path, help="a genrun -m sweep dir (or a dir of run dirs)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
+    parser.add_argument("--version", action="version", version=version_line("genrun-report"))
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"genrun-report: error: {args.sweep_dir} is not a directory; pass a sweep dir", file=sys.stderr)
