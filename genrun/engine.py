@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "epoch": epoch,
             "total_steps": total_steps,
             "final": results,
-            "warning": task.diagnose(results) if status == "finished" else None,
+            "warning": "; ".join(filter(None, (task.diagnose(results), _gen_idle(gen)))) or None
+            if status == "finished" else None,
             "lr": lrs(),
             "gen": _gen_summary(gen),
             "wall_time_s": round(time.perf_counter() - started, 3),
@@ -291,6 +293,21 @@ def _mean_loss(task, model, micro, amp) -> torch.Tensor:
         with amp():
             total = total + task.loss(model, batch).float()
     return total / len(micro)
+
+
+#: GeN accepting fewer than this share of at least GEN_IDLE_PROBES probes gets a warning.
+GEN_IDLE_SHARE, GEN_IDLE_PROBES = 0.1, 20
+
+
+def _gen_idle(gen: GeN | None) -> str | None:
+    """A warning when GeN rejected nearly every probe: its lr then moved only by the guard's rules
+    (or not at all), which nothing else in a finished run's output would show."""
+    if gen is None or gen.probes < GEN_IDLE_PROBES or gen.accepted >= GEN_IDLE_SHARE * gen.probes:
+        return None
+    reasons = Counter(r["reason"] for r in gen.history if not r["accepted"])
+    why = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
+    return (f"GeN accepted {gen.accepted} of {gen.probes} probes (latest rejections: {why}): it barely set the lr; "
+            "gen.jsonl has each probe's losses and fit")
 
 
 def _gen_summary(gen: GeN | None) -> dict[str, Any] | None:

@@ -202,6 +202,21 @@ def test_csv_and_none_loggers(genrun, tmp_path, logger, csv):
     assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
 
 
+@pytest.mark.parametrize("min_r2, warned", [(1.0, True), (0.99, False)])
+def test_a_run_where_gen_rejects_nearly_every_probe_says_so(compose_cfg, tmp_path, min_r2, warned):
+    from genrun.engine import train
+
+    # R² = 1 exactly never happens with the slope taken from the gradient: every probe is rejected
+    cfg = compose_cfg(["logger=none", "trainer.max_steps=24", "trainer.progress=off", "optim.gen.every=1",
+                       f"optim.gen.min_r2={min_r2}"])
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "finished" and summary["gen"]["probes"] == 24
+    warning = summary["warning"] or ""
+    assert ("GeN accepted" in warning) == warned, warning
+    if warned:
+        assert f"GeN accepted {summary['gen']['accepted']} of 24 probes (latest rejections: r2 " in warning
+
+
 @pytest.mark.parametrize("threads", [None, 1])
 def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_path, monkeypatch, threads):
     import torch
