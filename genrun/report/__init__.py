@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         written = sweep.render(runs, out)
     for path in written:
         print(path)
+    commits = sorted({c for r in runs if (c := r.summary.get("versions", {}).get("genrun_commit"))})
+    if len(commits) > 1:  # a table over runs of different code is worth knowing about
+        print(f"genrun-report: note: these runs come from {len(commits)} genrun commits ({', '.join(commits)}); "
+              "summary.json's versions says which run used which", file=sys.stderr)
     return 0
 
 
