@@ -37,9 +37,13 @@ class OptimSpec:
     def lr_of(self, group: dict[str, Any]) -> float:
         return float(self.step_size(group) if self.step_size is not None else group["lr"])
 
-    def build(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    def constructor(self) -> Callable[..., torch.optim.Optimizer]:
+        """The optimizer class, imported now (ImportError when its package is missing)."""
         module, name = self.factory.split(":")
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        return getattr(importlib.import_module(module), name)
+
+    def build(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return self.constructor()(*args, **kwargs)
 
 
 def d_times_lr(group: dict[str, Any]) -> float:

@@ -8,7 +8,6 @@ values of the right key but wrong kind, and keys added with `+` that nothing wou
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import logging
 import re
@@ -158,43 +157,48 @@ def _check_keys_taken(group: str, keys: list[str], fn: Callable[..., Any], what:
 def _check_arguments(cfg: DictConfig) -> None:
     """A key the target would not take fails here, in one line, before anything is built:
     instantiate would raise a TypeError mid-start, a schedule only at its first call."""
-    from hydra.utils import get_object
-
     from genrun.optim import META_KEYS, REGISTRY
+
+    # each target must import (else one line, not a traceback) and take the keys it is given;
+    # values: the arguments the engine passes itself. Task keys are not checked: a task's config
+    # also holds keys for the model (num_classes, ...), which task classes take as **kwargs
+    runtime = {"task": None, "model": set(), "sched": {"t", "total"},
+               "logger": {"run_dir", "config", "group", "name", "resume"}}
+    for group, skip in runtime.items():
+        target = OmegaConf.select(cfg, f"{group}._target_")
+        if target is None:
+            continue
+        found = _import_target(group, target)
+        if skip is not None:
+            keys = [str(k) for k in cfg[group] if not str(k).startswith("_")]
+            _check_keys_taken(group, keys, found, target, skip)
+    name = cfg.optim.get("name")
+    if name not in REGISTRY:
+        raise UserError(f"optim.name={name} is not a known optimizer{did_you_mean(str(name), REGISTRY, 'optim.name=')} "
+                        f"(known: {', '.join(sorted(REGISTRY))})")
+    try:
+        factory = REGISTRY[name].constructor()
+    except ImportError:
+        return  # building it will say which package is missing
+    keys = [str(k) for k in cfg.optim if k not in META_KEYS]
+    _check_keys_taken("optim", keys, factory, REGISTRY[name].factory.replace(":", "."), {"params"})
+
+
+def _import_target(group: str, target: str) -> Any:
+    """The object `target` names, or a one-line UserError saying why it cannot be imported."""
+    from hydra.utils import get_object
 
     quiet = logging.getLogger("hydra.utils")  # get_object logs its failure at ERROR before raising it
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        for group in ("task", "model", "sched", "logger"):
-            target = OmegaConf.select(cfg, f"{group}._target_")
-            try:
-                if target is not None:
-                    get_object(target)
-            except Exception as err:  # Hydra wraps the reason in an ImportError of several lines
-                why = next((line for line in str(err).splitlines()[1:] if line.strip()), str(err)).strip()
-                raise UserError(f"{group}._target_={target} cannot be imported ({why}): install its package, "
-                                "or put its folder on PYTHONPATH (e.g. PYTHONPATH=. genrun ...)") from None
+        return get_object(target)
+    except Exception as err:  # Hydra wraps the reason in an ImportError of several lines
+        why = next((line for line in str(err).splitlines()[1:] if line.strip()), str(err)).strip()
+        raise UserError(f"{group}._target_={target} cannot be imported ({why}): install its package, "
+                        "or put its folder on PYTHONPATH (e.g. PYTHONPATH=. genrun ...)") from None
     finally:
         quiet.setLevel(level)
-    for group, runtime in (("model", set()), ("sched", {"t", "total"}),
-                           ("logger", {"run_dir", "config", "group", "name", "resume"})):
-        node = cfg.get(group)
-        if node is None or "_target_" not in node:
-            continue
-        keys = [str(k) for k in node if not str(k).startswith("_")]
-        _check_keys_taken(group, keys, get_object(node._target_), node._target_, runtime)
-    name = cfg.optim.get("name")
-    if name not in REGISTRY:
-        raise UserError(f"optim.name={name} is not a known optimizer{did_you_mean(str(name), REGISTRY, 'optim.name=')} "
-                        f"(known: {', '.join(sorted(REGISTRY))})")
-    module, cls = REGISTRY[name].factory.split(":")
-    try:
-        factory = getattr(importlib.import_module(module), cls)
-    except ImportError:
-        return  # building it will say which package is missing
-    keys = [str(k) for k in cfg.optim if k not in META_KEYS]
-    _check_keys_taken("optim", keys, factory, f"{module}.{cls}", {"params"})
 
 
 def _check_model_fits_task(cfg: DictConfig) -> None:
