@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from genrun import CONF_DIR
 from genrun.errors import UserError, as_user_error
+from genrun.overrides import COMPOSITION_ERRORS, explain, override_key
 
 _RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
 
@@ -142,10 +143,6 @@ def _report(summary: dict) -> None:
     print("\n".join(lines), file=sys.stderr if summary["status"] != "finished" else sys.stdout)
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _route_resume(argv: list[str]) -> list[str]:
     """`trainer.resume=DIR` continues the run in DIR itself with the overrides it was started
     with (those given now win), so a run's files stay in one place and its config is kept."""
@@ -157,9 +154,9 @@ def _route_resume(argv: list[str]) -> list[str]:
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not run_dir.is_dir():
         return argv
-    given = {_key(arg) for arg in argv}
+    given = {override_key(arg) for arg in argv}
     previous = OmegaConf.load(saved) if saved.is_file() else []
-    kept = [o for o in previous if _key(o) not in given and _key(o) != "hydra.run.dir"]
+    kept = [o for o in previous if override_key(o) not in given and override_key(o) != "hydra.run.dir"]
     run_dir_arg = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir}"]
     return [*kept, *argv, *run_dir_arg]
 
@@ -179,8 +176,8 @@ def _join_torchrun(argv: list[str]) -> list[str]:
     parallel.join_torchrun()
     if parallel.rank() == 0:
         return argv
-    mine = {_key(o) for o in OTHER_RANKS}
-    return [*(a for a in argv if _key(a) not in mine), *OTHER_RANKS]
+    mine = {override_key(o) for o in OTHER_RANKS}
+    return [*(a for a in argv if override_key(a) not in mine), *OTHER_RANKS]
 
 
 def main() -> None:
@@ -199,8 +196,6 @@ def main() -> None:
     try:
         _run()
     except Exception as err:
-        from genrun.overrides import COMPOSITION_ERRORS, explain
-
         if isinstance(err, COMPOSITION_ERRORS) and not hydra_traceback:
             message = explain(err, argv)
             made = _sweep_dir_since(argv, started) if "-m" in argv or "--multirun" in argv else None

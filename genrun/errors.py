@@ -1,5 +1,10 @@
 """The one exception type that reaches the user as a single line instead of a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input the user can fix: a config value, a path, a checkpoint.
@@ -18,3 +23,9 @@ def as_user_error(err: BaseException) -> UserError | None:
     if isinstance(err, UserError):
         return err
     return err.__cause__ if isinstance(err.__cause__, UserError) else None
+
+
+def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
+    """`; did you mean <prefix>X?` for the closest of `known`, or nothing: for a message naming a typo."""
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""

@@ -15,12 +15,18 @@ from typing import Any, Sequence
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from genrun.validate import did_you_mean
+from genrun import CONF_DIR
+from genrun.errors import did_you_mean
 
 #: What `explain` words; anything else Hydra raises keeps its own report.
 COMPOSITION_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)
 
 GRAMMAR = "https://hydra.cc/docs/1.2/advanced/override_grammar/basic"
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `+trainer.epochs=3` -> `trainer.epochs`, `~seed` -> `seed`."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def explain(err: Exception, overrides: Sequence[str]) -> str:
@@ -50,7 +56,7 @@ def _unknown_key(key: str, cause: BaseException | None, overrides: Sequence[str]
     full = getattr(cause, "full_key", None) or key
     parent, _, leaf = str(full).rpartition(".")
     where = f": it has no {full}" if full != key else ""
-    node = _node(parent, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+    node = _node(parent, [o for o in overrides if override_key(o) != key])
     hint = ""
     if node is not None and leaf not in node:  # else it exists, under other options than this job's
         hint = did_you_mean(leaf, node.keys(), f"{parent}." if parent else "")
@@ -61,8 +67,6 @@ def _node(path: str, overrides: Sequence[str]) -> DictConfig | None:
     """The node at `path` of the config composed from the overrides that pick group options."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from genrun import CONF_DIR
 
     # `-m` sweeps (a,b) and key overrides are left out: a suggestion needs only the groups
     choices = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and "," not in o]

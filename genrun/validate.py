@@ -7,7 +7,6 @@ values of the right key but wrong kind, and keys added with `+` that nothing wou
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import re
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
 
 from genrun import CONF_DIR
-from genrun.errors import UserError
+from genrun.errors import UserError, did_you_mean
 from genrun.parallel import world
 
 
@@ -117,12 +116,6 @@ def validate(cfg: DictConfig) -> None:
         if gen.get("probe_batch") == "next" and gen.get("slope", True):
             raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
                             "the gradient's slope belongs to the training batch, not the probed one")
-
-
-def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
-    """`; did you mean <prefix>X?` for the closest of `known`, or nothing."""
-    close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _check_trainer_keys(cfg: DictConfig) -> None:
