@@ -11,9 +11,9 @@ ViT-S/16 with AdamW, batch 256, 224x224, fp32 with TF32 matmuls.
 
     python -m genrun.bench [--device auto|cpu|cuda] [--steps N] [--out results.json] [--profile DIR]
 
-``--profile DIR`` also runs the base step and GeN fast at Φ = 1 under torch.profiler
-and writes, per model, the ops that take the most time and a Chrome trace of the GeN
-steps: on a GPU, wall time minus kernel time per step is the time the GPU waits on the
+``--profile DIR`` also runs the base step, GeN fast at Φ = 1 and its floor under
+torch.profiler and writes, per model, the ops that take the most time and Chrome traces
+of the GeN and floor steps: on a GPU, wall time minus kernel time per step is the time the GPU waits on the
 host (GeN's one sync per probe step), the rest is extra kernels.
 """
 
@@ -44,7 +44,12 @@ SCHEMES = {
     "gen fast (probe +1; slope from grad)": {"points": (0.0, 1.0), "min_r2": None},
 }
 FAST = "gen fast (probe +1; slope from grad)"
-FLOORS = {2: "two no-grad forwards (floor)", 1: "one no-grad forward (floor of fast)"}  # forwards: name
+FLOORS = {  # (no-grad forwards, host sync after them): name
+    (2, False): "two no-grad forwards (floor)",
+    (1, False): "one no-grad forward (floor of fast)",
+    (1, True): "one no-grad forward + host sync",
+}
+FAST_FLOOR = (1, True)  # what GeN fast cannot do without: one forward, one host read
 
 
 @dataclass
@@ -78,11 +83,12 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
-               gen_kwargs: dict | None = None, floor: tuple[int, int] | None = None,
+               gen_kwargs: dict | None = None, floor: tuple[int, int, bool] | None = None,
                profile: bool = False, trace: Path | None = None) -> dict[str, Any]:
     """Mean seconds per optimizer step and peak memory for one way of stepping.
 
-    ``floor=(Φ, n)``: a plain step plus n no-grad forwards of the same batch every Φ steps.
+    ``floor=(Φ, n, sync)``: a plain step plus n no-grad forwards of the same batch every Φ steps
+    (then, with ``sync``, one host read of their loss, as a probe step's decision needs).
 
     With ``profile`` the timed steps run under torch.profiler: ``busy_s`` is the
     device's kernel time per step, ``top_ops`` a table, ``trace`` where a Chrome trace goes.
@@ -109,8 +115,9 @@ def time_steps(setting: Setting, device: torch.device, steps: int, warmup: int,
             opt.step()
             if floor and t % floor[0] == 0:
                 with torch.no_grad():
-                    for _ in range(floor[1]):
-                        closure()
+                    probed = [closure() for _ in range(floor[1])]
+                if floor[2]:
+                    probed[-1].item()
         opt.zero_grad(set_to_none=True)
 
     for t in range(warmup):
@@ -148,10 +155,13 @@ def _profiler(device: torch.device) -> torch.profiler.profile:
 
 
 def profile_rows(setting: Setting, device: torch.device, warmup: int, folder: Path) -> list[dict[str, Any]]:
-    """The base step and GeN fast at Φ = 1 under the profiler; writes ``<model>.txt`` and a trace."""
+    """The base step, GeN fast at Φ = 1 and its floor under the profiler; writes ``<model>.txt`` and traces."""
     folder.mkdir(parents=True, exist_ok=True)
     slug = setting.name.split(",")[0].lower().replace(" ", "_").replace("/", "")
     rows = [{"scheme": "base", **time_steps(setting, device, PROFILED_STEPS, warmup, profile=True)},
+            {"scheme": f"{FLOORS[FAST_FLOOR]}, Φ=1", **time_steps(setting, device, PROFILED_STEPS, warmup,
+                                                                  floor=(1, *FAST_FLOOR), profile=True,
+                                                                  trace=folder / f"{slug}_floor.json")},
             {"scheme": "gen fast, Φ=1", **time_steps(setting, device, PROFILED_STEPS, warmup,
                                                      gen_kwargs={"every": 1, **SCHEMES[FAST]}, profile=True,
                                                      trace=folder / f"{slug}_gen_fast.json")}]
@@ -173,9 +183,9 @@ def run(device: torch.device, steps: int, warmup: int, only: str | None = None,
         base = time_steps(setting, device, steps, warmup)
         rows = []
         for phi in PHIS:
-            for forwards, name in FLOORS.items():
+            for (forwards, sync), name in FLOORS.items():
                 rows.append({"scheme": name, "phi": phi, **time_steps(setting, device, steps, warmup,
-                                                                       floor=(phi, forwards))})
+                                                                       floor=(phi, forwards, sync))})
             for scheme, kwargs in SCHEMES.items():
                 timed = time_steps(setting, device, steps, warmup, gen_kwargs={"every": phi, **kwargs})
                 rows.append({"scheme": scheme, "phi": phi, **timed})
@@ -244,7 +254,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--only", default=None, help="run only the settings whose name contains this (e.g. resnet)")
     parser.add_argument("--profile", default=None, type=Path,
-                        help="also profile the base step and GeN fast at Φ=1; write op tables and traces here")
+                        help="also profile the base step, GeN fast at Φ=1 and its floor; write op tables and traces here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 
-SCHEMES = {"two no-grad forwards (floor)", "one no-grad forward (floor of fast)",
+SCHEMES = {"two no-grad forwards (floor)", "one no-grad forward (floor of fast)", "one no-grad forward + host sync",
            "gen (probes -1,+1; slope from grad)", "gen fast (probe +1; slope from grad)"}
 
 
@@ -25,13 +25,17 @@ def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
         assert row["relative_speed"] == setting["base"]["step_s"] / row["step_s"] and row["step_s"] > 0
         assert math.isnan(row["peak_mb"])  # no CUDA: peak memory is not measured, and the table says n/a
     assert "| gen fast (probe +1; slope from grad) | 8 |" in proc.stdout
-    # --profile: per model an op table of both schemes and a trace of GeN's steps, with its snapshot copies
-    assert [r["scheme"] for r in setting["profile"]] == ["base", "gen fast, Φ=1"]
+    # --profile: per model an op table of each scheme and traces of GeN's steps (with its snapshot copies)
+    # and of its floor's
+    assert [r["scheme"] for r in setting["profile"]] == ["base", "one no-grad forward + host sync, Φ=1",
+                                                         "gen fast, Φ=1"]
     assert all(r["step_s"] > 0 and math.isnan(r["busy_s"]) for r in setting["profile"])
     table = (prof / "small_cnn.txt").read_text()
     assert "## base: wall" in table and "## gen fast, Φ=1: wall" in table and "aten::convolution" in table
     names = {e.get("name") for e in json.loads((prof / "small_cnn_gen_fast.json").read_text())["traceEvents"]}
     assert "aten::_foreach_copy_" in names and "Optimizer.step#SGD.step" in names
+    floor = {e.get("name") for e in json.loads((prof / "small_cnn_floor.json").read_text())["traceEvents"]}
+    assert "aten::_foreach_copy_" not in floor and "aten::item" in floor
     assert "| gen fast, Φ=1 |" in proc.stdout
 
 
@@ -73,8 +77,8 @@ def test_a_floor_row_runs_its_forwards_every_phi_steps():
             return super().forward(x)
 
     setting = bench.Setting("counting", lambda: Counting(4, 3), lambda p: torch.optim.SGD(p, lr=0.1), 2, (4,), 3)
-    for phi, forwards in ((1, 2), (4, 1), (2, 2)):
+    for phi, forwards, sync in ((1, 2, False), (4, 1, True), (2, 2, True)):
         calls.clear()
-        bench.time_steps(setting, torch.device("cpu"), steps=8, warmup=0, floor=(phi, forwards))
+        bench.time_steps(setting, torch.device("cpu"), steps=8, warmup=0, floor=(phi, forwards, sync))
         probes = 8 // phi * forwards
         assert calls.count(True) == 8 and calls.count(False) == probes  # training forwards, no-grad floors

@@ -1,12 +1,11 @@
 """CUDA paths of GeN (skipped without a GPU): syncs, pinned snapshots, bf16, RNG replay.
 
-``python tests/test_gen_cuda.py`` runs these checks without pytest (a bare GPU box) and
-then ``--bench`` prints throughput and peak memory of GeN vs its base optimizer.
+``python tests/test_gen_cuda.py`` runs these checks without pytest (a bare GPU box); speed and
+memory are ``python -m genrun.bench --device cuda``'s.
 """
 
 import copy
 import sys
-import time
 import warnings
 
 import torch
@@ -49,7 +48,7 @@ def _step(model, snapshot, every=1, steps=3):
 
 
 def _final_vs_lerp(snapshot):
-    """One probe step; returns (GeN, whether weights == lerp(w_t, w_{t+1}, r) bitwise)."""
+    """One probe step; returns (GeN, largest |weights - lerp(w_t, w_{t+1}, r)|, 0 when bit-exact)."""
     model = _net()
     x, y = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -68,17 +67,21 @@ def _final_vs_lerp(snapshot):
     gen = GeN(opt, every=1, model=model, snapshot=snapshot)
     gen.step(f)
     r = gen.history[0]["ratio"]
-    exact = all(torch.equal(p, torch.lerp(a, b, r)) for p, a, b in zip(model.parameters(), w_t, ref.parameters()))
-    return gen, exact
+    worst = max((p - torch.lerp(a, b, r)).abs().max().item() for p, a, b in zip(model.parameters(), w_t, ref.parameters()))
+    return gen, worst
 
 
 def test_cuda_snapshots_land_exactly_on_lerp_of_the_two_ends():
-    gen_d, exact_d = _final_vs_lerp("device")
-    gen_c, exact_c = _final_vs_lerp("cpu")
-    assert exact_d and exact_c
-    assert gen_d.history[0]["accepted"] and gen_d.history[0]["ratio"] != 1.0
-    # same probe losses; β is summed in another order on the two paths
-    assert gen_c.history[0]["losses"] == gen_d.history[0]["losses"]
+    gen_d, off_d = _final_vs_lerp("device")
+    gen_c, off_c = _final_vs_lerp("cpu")
+    assert off_d == 0.0 and off_c == 0.0, (off_d, off_c)
+    rec = gen_d.history[0]
+    assert rec["accepted"] and rec["ratio"] != 1.0, {k: rec[k] for k in ("reason", "ratio", "r2", "losses")}
+    # the same probe points: equal losses up to the two runs' own rounding (cuDNN's weight gradients are not
+    # bit-reproducible from run to run, so w_t differs in the last bits; a misplaced point moves the loss by ~0.1)
+    losses_c, losses_d = gen_c.history[0]["losses"], gen_d.history[0]["losses"]
+    assert len(losses_c) == 3 and all(abs(c / d - 1) < 1e-6 for c, d in zip(losses_c, losses_d)), (losses_c, losses_d)
+    # β is summed in another order on the two paths
     assert abs(gen_c.history[0]["ratio"] / gen_d.history[0]["ratio"] - 1) < 1e-5
 
 
@@ -174,51 +177,6 @@ def test_cuda_exact_mode_runs_and_agrees_with_fit_on_a_quadratic():
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(etas["fit"], etas["exact"]))
 
 
-def bench(name, batch=256, steps=20):
-    """Throughput of GeN relative to the base optimizer, and peak memory (fp32/TF32)."""
-    import timm
-
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    model = timm.create_model(name, num_classes=1000).cuda()
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-    f = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    base_lr = 1e-3 if "vit" in name else 0.05
-    rows, base = [], None
-    configs = [(None, None), (1, "floor"), (1, "device"), (4, "floor"), (4, "device"), (8, "floor"),
-               (8, "device"), (1, "cpu"), (None, None)]
-    for every, snapshot in configs:
-        opt = (torch.optim.AdamW if "vit" in name else torch.optim.SGD)(model.parameters(), lr=base_lr)
-        probing = snapshot in ("device", "cpu")
-        gen = GeN(opt, every=every, model=model, snapshot=snapshot, min_r2=None) if probing else None
-        for i in range(steps + 8):
-            if i == 8:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-            loss = f()
-            loss.backward()
-            if gen is None:
-                opt.step()
-                if every is not None and i % every == 0:  # the floor: two plain no-grad forwards
-                    with torch.no_grad():
-                        f(), f()
-            else:
-                gen.step(f, loss=loss.detach())
-            opt.zero_grad()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / steps
-        base = dt if base is None else base
-        rows.append((every, snapshot, dt, base / dt, torch.cuda.max_memory_allocated() / 2**30))
-    print(f"\n{name} batch {batch}, {torch.cuda.get_device_name()}")
-    for every, snapshot, dt, rel, mem in rows:
-        label = "base" if every is None else (
-            f"floor every={every} (+2 fwd)" if snapshot == "floor" else f"GeN every={every} snapshot={snapshot}")
-        print(f"  {label:32s} {dt * 1e3:7.1f} ms/step  relative speed {rel:.3f}  peak {mem:.2f} GiB")
-
-
 if __name__ == "__main__":
     failed = 0
     for key, fn in sorted(globals().items()):
@@ -229,7 +187,4 @@ if __name__ == "__main__":
             except Exception as e:  # noqa: BLE001
                 failed += 1
                 print("FAIL", key, type(e).__name__, e)
-    if "--bench" in sys.argv:
-        for name in ("resnet18", "vit_small_patch16_224"):
-            bench(name)
     sys.exit(1 if failed else 0)

@@ -53,6 +53,27 @@ def test_without_model_the_probes_would_move_batchnorm():
     assert not torch.equal(model[1].running_mean, after_forward[0])
 
 
+def test_probe_scope_settles_before_the_host_sync():
+    """Buffers and RNG are back as soon as the probes are queued, so nothing is left for
+    after the decision's host sync (where the device would wait on those copies)."""
+    from genrun.gen.probe import ProbeScope, probe_losses
+
+    x, y = data()
+    model = bn_model()
+    model(x)  # a training forward: running stats and num_batches_tracked (int64) move
+    before, rng = buffers(model), torch.get_rng_state()
+    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean() + 0 * torch.rand(())  # noqa: E731  draws
+    with ProbeScope(model, None) as scope:
+        probe_losses(f, lambda s: None, [1.0, -1.0], scope)
+        assert all(torch.equal(a, b) for a, b in zip(buffers(model), before))  # both dtypes
+        assert torch.equal(torch.get_rng_state(), rng)
+        scope.before_call()
+        f()  # a closure run outside probe_losses (exact mode's HVP) is settled by the exit
+        assert not torch.equal(model[1].running_mean, before[0])
+    assert all(torch.equal(a, b) for a, b in zip(buffers(model), before))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def dropout_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1))

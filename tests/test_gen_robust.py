@@ -231,6 +231,32 @@ def test_closure_error_restores_weights_and_propagates():
     assert gen.state_dict()["step"] == 1 and gen.history == []
 
 
+@pytest.mark.parametrize("where", ["device", "cpu"])
+def test_snapshot_moves_only_when_the_point_changes(where):
+    """The probe at s = 1 right after the step writes nothing; every other move lands on
+    lerp(w_t, w_{t+1}, s) however the parameters got where they were."""
+    from genrun.gen.snapshot import StepSnapshot
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(37))
+    w.grad = torch.randn(37)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w_t = w.detach().clone()
+    snap = StepSnapshot([w], where)
+    opt.step()
+    w_next = w.detach().clone()
+    snap.after_step()
+    version = w._version
+    snap.place(1.0)
+    assert w._version == version  # no copy queued
+    for s in (0.25, 0.25, 0.0, 1.0, 0.7):
+        snap.place(s)
+        assert torch.equal(w.detach(), torch.lerp(w_t, w_next, s))
+    moved = w._version
+    snap.place(0.7)
+    assert w._version == moved
+
+
 def _resume_run(split=None, steps=20):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(steps, 16, 5, generator=g), torch.randn(steps, 16, generator=g)

@@ -39,6 +39,7 @@ def curvature_along(
         hd = torch.autograd.grad(
             [g for g, _ in pairs], list(params), grad_outputs=[d for _, d in pairs], allow_unused=True
         )
+    scope.settle()  # the buffers' restore is queued before the caller's host sync
     terms = [torch.sum(h * d, dtype=torch.promote_types(d.dtype, torch.float32)).to(l0)
              for h, d in zip(hd, deltas) if h is not None]
     a = torch.stack(terms).sum() if terms else torch.zeros((), dtype=l0.dtype, device=l0.device)

@@ -34,23 +34,30 @@ class ProbeScope:
 
     * Buffers: with ``model`` given, every buffer (BatchNorm running mean/var,
       ``num_batches_tracked``, anything a module registers) is copied on entry and
-      written back on exit, so the probes, which run in the caller's training mode
-      to evaluate the same function as the training forward, do not move running
-      statistics at perturbed weights.  The tensor objects are put back too, in case
-      a module rebinds a buffer instead of updating it in place.
+      written back by :meth:`settle`, so the probes, which run in the caller's training
+      mode to evaluate the same function as the training forward, do not move running
+      statistics at perturbed weights.  The tensor objects are put back on exit too, in
+      case a module rebinds a buffer instead of updating it in place.
     * RNG: the state at entry (after the training forward and backward) is restored
-      on exit, so the training stream is the same with or without probing.  If
-      ``replay`` holds the state captured right before the training forward
+      by :meth:`settle`, so the training stream is the same with or without probing.
+      If ``replay`` holds the state captured right before the training forward
       (``GeN.remember_rng``), :meth:`before_call` rewinds to it before every closure
       call, so dropout draws the training forward's masks and each probe evaluates
       the very function whose gradient produced the step.
+
+    :func:`probe_losses` settles as soon as its forwards are queued, before the
+    caller's host sync: the restore copies then run on the device right behind the
+    probes, and nothing is left for after the sync, where the device waits on the
+    host.  ``__exit__`` settles only if a closure ran since.
     """
 
     def __init__(self, model: nn.Module | None, replay: dict[str, Any] | None) -> None:
         self.model = model
         self.replay = replay
-        self._buffers: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+        self._buffers: list[tuple[nn.Module, str, Tensor]] = []
+        self._saved: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
         self._rng: dict[str, Any] | None = None
+        self._dirty = False
 
     def __enter__(self) -> "ProbeScope":
         self._rng = rng_state()
@@ -59,29 +66,37 @@ class ProbeScope:
                 for module in self.model.modules():
                     for name, buf in module._buffers.items():
                         if buf is not None:
-                            self._buffers.append((module, name, buf, torch.empty_like(buf)))
-                # one fused copy, not one kernel per buffer: a ResNet has ~60 BatchNorm buffers,
-                # and the restore in __exit__ sits on the critical path right after the host sync
-                _copy([t[3] for t in self._buffers], [t[2] for t in self._buffers])
+                            self._buffers.append((module, name, buf))
+                            live, saved = self._saved.setdefault((buf.device, buf.dtype), ([], []))
+                            live.append(buf)
+                            saved.append(torch.empty_like(buf))
+                # one fused copy per dtype (a ResNet has ~60 BatchNorm buffers, float and int64):
+                # a mixed list would fall back to one copy per buffer
+                for live, saved in self._saved.values():
+                    torch._foreach_copy_(saved, live)
         return self
 
     def before_call(self) -> None:
+        self._dirty = True
         if self.replay is not None:
             set_rng_state(self.replay)
 
-    def __exit__(self, *exc: object) -> None:
+    def settle(self) -> None:
+        """Put the buffers' values and the RNG state back as they were on entry (no sync)."""
+        if not self._dirty:
+            return
         with torch.no_grad():
-            _copy([t[2] for t in self._buffers], [t[3] for t in self._buffers])
-            for module, name, buf, _ in self._buffers:
-                module._buffers[name] = buf
-        self._buffers = []
+            for live, saved in self._saved.values():
+                torch._foreach_copy_(live, saved)
         if self._rng is not None:
             set_rng_state(self._rng)
+        self._dirty = False
 
-
-def _copy(dst: list[Tensor], src: list[Tensor]) -> None:
-    if dst:
-        torch._foreach_copy_(dst, src)
+    def __exit__(self, *exc: object) -> None:
+        self.settle()
+        for module, name, buf in self._buffers:
+            module._buffers[name] = buf
+        self._buffers, self._saved = [], {}
 
 
 def as_loss(value: Any, device: torch.device | None = None) -> Tensor:
@@ -110,7 +125,8 @@ def probe_losses(
     Runs under ``torch.no_grad()`` (no activations kept, so the probes cost less than
     the training forward and raise no memory peak); the caller's autocast belongs
     inside ``closure``.  Values stay on the device: the caller gathers them into one
-    tensor and syncs once.
+    tensor and syncs once.  The scope is settled before returning (buffers and RNG
+    as on entry; the parameters stay at the last point).
     """
     out = []
     with torch.no_grad():
@@ -120,6 +136,7 @@ def probe_losses(
             out.append(as_loss(closure(), device))
             if device is None:
                 device = out[-1].device
+    scope.settle()
     return out
 
 

@@ -69,6 +69,7 @@ class StepSnapshot:
             for f in self.w_t:
                 f.copy_from_params()
         self.w_next: list[_Flat] | None = None
+        self._at: float | None = None  # the s the parameters sit at (None: unknown; the base step moves them)
 
     def after_step(self) -> None:
         """Record ``w_{t+1}``; call right after the base optimizer's step."""
@@ -76,6 +77,7 @@ class StepSnapshot:
             self.w_next = [_Flat(f.params, self.where) for f in self.w_t]
             for f in self.w_next:
                 f.copy_from_params()
+        self._at = 1.0
 
     @staticmethod
     def _dev(x: Tensor, p: Tensor) -> Tensor:
@@ -121,7 +123,13 @@ class StepSnapshot:
         return torch.stack(parts).sum(0)
 
     def place(self, s: float) -> None:
-        """Set the parameters to ``w_t - s·δ = lerp(w_t, w_{t+1}, s)``."""
+        """Set the parameters to ``w_t - s·δ = lerp(w_t, w_{t+1}, s)``.
+
+        Free when they are there already (the first probe at s = 1 right after the step).
+        """
+        if s == self._at:
+            return
+        self._at = None  # until every copy below is queued
         with torch.no_grad():
             for ft, fn in self._pairs():
                 src = fn if s == 1.0 else ft
@@ -134,6 +142,7 @@ class StepSnapshot:
                     p.copy_(a, non_blocking=True)
                     if s not in (0.0, 1.0):
                         p.lerp_(self._dev(b, p), float(s))
+        self._at = s
 
     def release(self) -> None:
         """Drop both copies (the caching allocator reuses them on the next probe)."""
