@@ -13,8 +13,8 @@ ViT-S/16 with AdamW, batch 256, 224x224, fp32 with TF32 matmuls.
 
 ``--profile DIR`` also runs the base step, GeN fast at Φ = 1 and its floor under
 torch.profiler and writes, per model, the ops that take the most time and Chrome traces
-of the GeN and floor steps: on a GPU, wall time minus kernel time per step is the time the GPU waits on the
-host (GeN's one sync per probe step), the rest is extra kernels.
+of the GeN and floor steps: on a GPU, wall time minus kernel time per step is the time
+the GPU waits on the host (GeN's one sync per probe step), the rest is extra kernels.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--only", default=None, help="run only the settings whose name contains this (e.g. resnet)")
     parser.add_argument("--profile", default=None, type=Path,
-                        help="also profile the base step, GeN fast at Φ=1 and its floor; write op tables and traces here")
+                        help="also profile the base step, GeN fast at Φ=1 and its floor; "
+                             "write op tables and traces here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

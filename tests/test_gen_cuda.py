@@ -67,7 +67,8 @@ def _final_vs_lerp(snapshot):
     gen = GeN(opt, every=1, model=model, snapshot=snapshot)
     gen.step(f)
     r = gen.history[0]["ratio"]
-    worst = max((p - torch.lerp(a, b, r)).abs().max().item() for p, a, b in zip(model.parameters(), w_t, ref.parameters()))
+    ends = zip(model.parameters(), w_t, ref.parameters())
+    worst = max((p - torch.lerp(a, b, r)).abs().max().item() for p, a, b in ends)
     return gen, worst
 
 
