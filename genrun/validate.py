@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from numbers import Real
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from genrun import CONF_DIR
 from genrun.errors import UserError, did_you_mean
@@ -35,11 +36,13 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _real(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
+    """A finite number: inf and nan pass `> 0` or `<= 1` checks, then wreck the run."""
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _points(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) >= 1 and all(_real(x) for x in v) and any(x != 0 for x in v)
+    return (isinstance(v, (list, tuple)) and len(v) >= 1 and all(_real(x) for x in v) and len(set(v)) == len(v)
+            and any(x != 0 for x in v))
 
 
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
@@ -59,16 +62,17 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.ddp_find_unused", _one_of(True, False), "true or false"),
     ("trainer.precision", _one_of("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
     ("trainer.progress", _one_of("auto", "on", "off", True, False), "auto, on or off"),
-    ("trainer.average", _optional(lambda v: _real(v) and v >= 0), "null (the last iterate) or a number >= 0, e.g. 8"),
-    ("optim.lr", lambda v: _real(v) and v > 0, "a number > 0"),
+    ("trainer.average", _optional(lambda v: _real(v) and v >= 0),
+     "null (the last iterate) or a finite number >= 0, e.g. 8"),
+    ("optim.lr", lambda v: _real(v) and v > 0, "a finite number > 0"),
 ]
 
 GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("every", _int_at_least(1), "an integer >= 1"),
     ("smoothing", lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("points", _points, "a list of numbers with at least one non-zero, e.g. [-1, 0, 1]"),
-    ("min_r2", _optional(lambda v: _real(v) and v <= 1), "null or a number <= 1"),
-    ("max_change", _optional(lambda v: _real(v) and v > 1), "null or a number > 1"),
+    ("points", _points, "a list of distinct finite numbers with at least one non-zero, e.g. [-1, 0, 1]"),
+    ("min_r2", _optional(lambda v: _real(v) and v <= 1), "null or a finite number <= 1"),
+    ("max_change", _optional(lambda v: _real(v) and v > 1), "null or a finite number > 1"),
     ("slope", _one_of(True, False), "true or false"),
     ("mode", _one_of("fit", "exact"), "fit or exact"),
     ("horizon", _one_of(None, "none", "linear", "cosine"), "none, linear or cosine"),
@@ -100,22 +104,53 @@ def validate(cfg: DictConfig) -> None:
     _check_trainer_keys(cfg)
     _check_arguments(cfg)
     _check_model_fits_task(cfg)
-    gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
-    if gen:
-        from genrun.gen import GeN
+    _check_gen(cfg)
+    _check_no_nan(cfg)
 
-        known = set(inspect.signature(GeN).parameters) - {"optimizer", "total_steps", "model", "scaler"}
-        known.add("probe_batch")  # the engine's, not GeN's: which batch the closure evaluates
-        for key in gen:
-            if key not in known:
-                raise UserError(f"optim.gen.{key} is not a GeN setting{did_you_mean(key, known, 'optim.gen.')} "
-                                f"(settings: {', '.join(sorted(known))})")
-        for key, ok, allowed in GEN_RULES:
-            if key in gen:
-                _check(f"optim.gen.{key}", gen[key], ok, allowed)
-        if gen.get("probe_batch") == "next" and gen.get("slope", True):
-            raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
-                            "the gradient's slope belongs to the training batch, not the probed one")
+
+def _check_gen(cfg: DictConfig) -> None:
+    """optim.gen: GeN's own settings, each with its allowed values."""
+    gen = OmegaConf.to_container(cfg.optim.gen, resolve=True) if cfg.optim.get("gen") else None
+    if not gen:
+        return
+    from genrun.gen import GeN
+
+    known = set(inspect.signature(GeN).parameters) - {"optimizer", "total_steps", "model", "scaler"}
+    known.add("probe_batch")  # the engine's, not GeN's: which batch the closure evaluates
+    for key in gen:
+        if key not in known:
+            raise UserError(f"optim.gen.{key} is not a GeN setting{did_you_mean(key, known, 'optim.gen.')} "
+                            f"(settings: {', '.join(sorted(known))})")
+    for key, ok, allowed in GEN_RULES:
+        if key in gen:
+            _check(f"optim.gen.{key}", gen[key], ok, allowed)
+    if not gen.get("slope", True) and sum(x != 0 for x in gen.get("points", [-1, 0, 1])) < 2:
+        raise UserError(f"optim.gen.points={gen.get('points', [-1, 0, 1])} with optim.gen.slope=false needs two "
+                        "non-zero multipliers (the fit has two unknowns), e.g. [-1, 1, 2]")
+    if gen.get("probe_batch") == "next" and gen.get("slope", True):
+        raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
+                        "the gradient's slope belongs to the training batch, not the probed one")
+
+
+def _check_no_nan(cfg: DictConfig) -> None:
+    """A NaN anywhere (optim.momentum=nan, ...) is never meant: it reaches a constructor or the
+    weights and fails there in a traceback, or not at all. (inf can be meant: growth_rate: .inf.)"""
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, float) and math.isnan(node):
+            raise UserError(f"{key}=nan is invalid: must be a number")
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, value in items:
+            walk(value, f"{key}.{k}" if isinstance(k, str) else f"{key}[{k}]")
+
+    for group in cfg:
+        if group == "hydra":  # Hydra's own node, there when a callback validates
+            continue
+        node = cfg[group]
+        try:
+            walk(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node,
+                 str(group))
+        except InterpolationResolutionError:  # what builds the node will say what is wrong
+            continue
 
 
 def _check_trainer_keys(cfg: DictConfig) -> None:

@@ -143,6 +143,13 @@ def test_every_experiment_preset_composes(compose_cfg, experiment):
         ("optim.gen.max_change=0.5", "optim.gen.max_change"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("optim.lr=0", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.gen.points=[-1,nan,1]", "optim.gen.points"),
+        ("optim.gen.points=[1,1]", "optim.gen.points"),
+        ("optim.gen.min_r2=-inf", "optim.gen.min_r2"),
+        ("trainer.average=inf", "trainer.average"),
+        ("optim.momentum=nan", "optim.momentum"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, override, key):
@@ -150,6 +157,11 @@ def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, overrid
         validate(compose_cfg([override]))
     message = str(err.value)
     assert message.startswith(f"{key}=") and "must be" in message and "\n" not in message
+
+
+def test_points_without_the_slope_need_two_non_zero_multipliers(compose_cfg):
+    with pytest.raises(UserError, match=r"optim.gen.points=\[0, 1\] with optim.gen.slope=false needs two non-zero"):
+        validate(compose_cfg(["optim.gen.points=[0,1]", "optim.gen.slope=false"]))
 
 
 def test_unknown_gen_setting_is_named(compose_cfg):
