@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genrun import atomic
 from genrun.errors import UserError
 
 FORMAT = "genrun-checkpoint-v1"
@@ -48,16 +49,17 @@ def _as_tuple(value: Any) -> Any:
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file, then rename: a run killed mid-write keeps its last checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    """Write whole or not at all (`genrun.atomic`): a run killed mid-write, or a full disk, keeps its
+    last checkpoint. Through a file object, so a full disk raises OSError (ENOSPC), not torch's own error."""
+    atomic.replace(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
 
 
 def resolve(target: str | os.PathLike) -> Path:
     """`trainer.resume` may name a run dir or a checkpoint file."""
     path = Path(target).expanduser()
+    if path.is_dir() and (path / "multirun.yaml").is_file():
+        raise UserError(f"trainer.resume: {path} is a sweep's dir; resume one of its runs, e.g. "
+                        f"trainer.resume={path / '0'}")
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():

@@ -1,20 +1,20 @@
 """`genrun`: the Hydra entry point. Validates the config, runs the engine, reports in one screen.
 
-Bad input (a UserError) prints one line and exits 2, removing the run dir Hydra had just
-made if the run wrote nothing to it. A diverged single run exits 3; in a sweep the other
-jobs go on and the diverged one is recorded as such in its summary.json. Ctrl-C exits 130
-with the command that continues the run.
+Before Hydra writes anything, `genrun.hooks` validates the config (every job's, for a sweep) and
+claims the run dir (`genrun.rundir`). Bad input (a UserError) prints one line and exits 2; a failed
+start undoes exactly what this process made or changed in the run dir. A diverged single run exits
+3; in a sweep the other jobs go on and the diverged one is recorded as such in its summary.json.
+Ctrl-C, SIGTERM and SIGUSR1 exit 128 + the signal with the command that continues the run; a full
+disk or an unwritable file is one line naming it, exit 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
-import shutil
 import sys
-import time
-from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,48 +22,10 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from genrun import CONF_DIR
-from genrun.errors import UserError, as_user_error
+from genrun import CONF_DIR, rundir, stop
+from genrun.errors import AlreadyFinished, UserError, as_user_error
+from genrun.hooks import USERS_FULL_ERROR, Refused
 from genrun.overrides import COMPOSITION_ERRORS, explain, override_key
-
-_RUN_FILES = {"metrics.jsonl", "gen.jsonl", "summary.json", "ckpt.pt"}
-
-
-def _discard_if_unused(run_dir: Path | None, sweep_dir: Path | None = None) -> None:
-    """Remove a run dir that holds only what Hydra wrote (a failed start leaves no half run).
-
-    A sweep's dir goes too when nothing but Hydra's multirun.yaml is left in it, and so does
-    an emptied date folder of the default `outputs/[multirun/]<date>/<time>` layout; any other
-    parent (a dir the user named, the working dir) stays.
-    """
-    last = run_dir
-    if run_dir is not None and run_dir.is_dir() and not any((run_dir / name).exists() for name in _RUN_FILES):
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if sweep_dir is not None and sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-        shutil.rmtree(sweep_dir, ignore_errors=True)
-        last = sweep_dir
-    date = last.parent if last is not None else None
-    if date is not None and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date.name) and date.is_dir() and not any(date.iterdir()):
-        date.rmdir()
-        if date.parent.name == "multirun" and not any(date.parent.iterdir()):
-            date.parent.rmdir()
-
-
-def _sweep_dir_since(argv: list[str], since: float) -> Path | None:
-    """The sweep dir Hydra made (it writes multirun.yaml before composing the jobs) for a
-    sweep whose composition then failed: `hydra.sweep.dir` with `${now:...}` at each second
-    since the start. None when the pattern has other interpolations."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.sweep.dir=")]
-    pattern = given[-1] if given else str(OmegaConf.to_container(
-        OmegaConf.load(Path(CONF_DIR) / "config.yaml"), resolve=False)["hydra"]["sweep"]["dir"])
-    for second in range(int(since) - 1, int(time.time()) + 2):
-        moment = datetime.fromtimestamp(second)
-        text = re.sub(r"\$\{now:([^}]*)\}", lambda m: moment.strftime(m.group(1)), pattern)
-        if "${" in text:
-            return None
-        if Path(text, "multirun.yaml").is_file() and Path(text).stat().st_mtime >= since - 1:
-            return Path(text)
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -74,8 +36,10 @@ def _run(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = shared_path(Path(hc.runtime.output_dir))  # under torchrun: rank 0's, on every rank
     sweep = hc.mode == RunMode.MULTIRUN
-    who = "genrun" if rank() == 0 else f"genrun (rank {rank()})"
+    claim = None
     try:
+        if rank() == 0:
+            claim = rundir.for_job(run_dir, Path(hc.sweep.dir) if sweep else None)
         from genrun.validate import validate
 
         validate(cfg)
@@ -85,38 +49,61 @@ def _run(cfg: DictConfig) -> dict | None:
             group=Path(hc.sweep.dir).name if sweep else None,
             name=hc.job.override_dirname or "defaults",
         )
-    except (UserError, InstantiationException) as err:
-        # a task's or model's own check fails inside hydra's instantiate, which wraps it
-        cause = as_user_error(err)
-        if cause is None:
+    except BaseException as err:
+        code = _job_failed(err, run_dir, claim)
+        if code is None:
             raise
-        if rank() == 0:
-            _discard_if_unused(run_dir, Path(hc.sweep.dir) if sweep else None)
-        print(f"{who}: error: {cause}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if rank() > 0:
-            sys.exit(130)
-        _discard_if_unused(run_dir)
-        hint = f"; continue with: genrun trainer.resume={run_dir}" if (run_dir / "ckpt.pt").exists() else ""
-        print(f"\ngenrun: interrupted{hint}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(code)
+    finally:
+        if claim is not None:
+            claim.release()
     if rank() > 0:  # rank 0 reports
         return summary
     _report(summary)
+    if sweep:
+        stop.now()  # a stop signal came during this job's last step: the next job does not start
     if summary["status"] == "diverged" and not sweep:
         sys.exit(3)
     return summary
 
 
-#: The user's own HYDRA_FULL_ERROR, kept while genrun sets it to make Hydra raise what it cannot
-#: compose (worded by `genrun.overrides`); an environment variable, so joblib's workers see it too.
-_USERS_FULL_ERROR = "GENRUN_USERS_HYDRA_FULL_ERROR"
+def _job_failed(err: BaseException, run_dir: Path, claim: rundir.Claim | None) -> int | None:
+    """Report a job that did not finish in one line and return its exit status (None: not ours to
+    word, Hydra reports it). A failed start leaves the run dir as it was before the run."""
+    from genrun.parallel import rank
+
+    user = as_user_error(err) if isinstance(err, (UserError, InstantiationException)) else None
+    storage = rundir.storage_problem(err, run_dir)
+    if not isinstance(err, KeyboardInterrupt) and user is None and storage is None:
+        return None
+    if claim is not None:  # process 0's
+        claim.discard_unless_used()
+    if isinstance(user, AlreadyFinished):
+        if rank() == 0:
+            print(f"genrun: {user}")
+        return 0
+    if user is not None:  # a task's or model's own check fails inside hydra's instantiate, which wraps it
+        who = "genrun" if rank() == 0 else f"genrun (rank {rank()})"
+        print(f"{who}: error: {user}", file=sys.stderr)
+        return 2
+    if rank() > 0:  # process 0 says what happened
+        return 1 if storage is not None else stop.exit_code(err)
+    if storage is not None:
+        print(f"genrun: error: {storage}{_resume_hint(run_dir)}", file=sys.stderr)
+        return 1
+    print(f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}", file=sys.stderr)
+    return stop.exit_code(err)
+
+
+def _resume_hint(run_dir: Path) -> str:
+    if (run_dir / "ckpt.pt").exists():
+        return f"; continue with: genrun trainer.resume={run_dir}"
+    return "; no checkpoint was written yet, so there is nothing to resume: run the command again to start over"
 
 
 def _users_hydra_errors() -> None:
     """Inside the job: the user's setting again, so Hydra reports a job's own errors as it always does."""
-    users = os.environ.get(_USERS_FULL_ERROR, "")
+    users = os.environ.get(USERS_FULL_ERROR, "")
     if users:
         os.environ["HYDRA_FULL_ERROR"] = users
     else:
@@ -145,15 +132,17 @@ def _report(summary: dict) -> None:
 
 def _route_resume(argv: list[str]) -> list[str]:
     """`trainer.resume=DIR` continues the run in DIR itself with the overrides it was started
-    with (those given now win), so a run's files stay in one place and its config is kept."""
+    with (those given now win), so a run's files stay in one place and its config is kept. A
+    checkpoint outside a run dir (no .hydra/config.yaml) starts a run dir of its own instead:
+    genrun writes nothing into a folder it did not make for a run."""
     resume = [arg for arg in argv if arg.startswith("trainer.resume=")]
     if not resume or "-m" in argv or "--multirun" in argv:
         return argv
     target = Path(resume[-1].split("=", 1)[1]).expanduser()
     run_dir = target.parent if target.is_file() else target
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not run_dir.is_dir():
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
         return argv
+    saved = run_dir / ".hydra" / "overrides.yaml"
     given = {override_key(arg) for arg in argv}
     previous = OmegaConf.load(saved) if saved.is_file() else []
     kept = [o for o in previous if override_key(o) not in given and override_key(o) != "hydra.run.dir"]
@@ -186,27 +175,61 @@ def main() -> None:
 
         print(version_line())
         return
+    unknown = _unknown_option(sys.argv[1:])
+    if unknown:
+        _exit(f"{unknown} (`genrun --help` lists the options, groups and keys)", 2)
     argv = _route_resume(sys.argv[1:])
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's variables
         argv = _join_torchrun(argv)
     sys.argv = [sys.argv[0], *argv]
-    os.environ.setdefault(_USERS_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
-    hydra_traceback, started = os.environ[_USERS_FULL_ERROR] == "1", time.time()
+    os.environ.setdefault(USERS_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
+    hydra_traceback = os.environ[USERS_FULL_ERROR] == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors; we word them in one line
+    stop.install()
+    failed = True
     try:
         _run()
+        failed = False
+    except SystemExit as done:  # a job's own exit status
+        failed = done.code not in (0, None)
+        raise
+    except Refused as err:  # bad input the callback found before Hydra wrote anything
+        _exit(str(err), 2)
+    except KeyboardInterrupt as err:  # during Hydra's start, or between a sweep's jobs
+        print(f"\ngenrun: {stop.describe(err)}", file=sys.stderr)
+        sys.exit(stop.exit_code(err))
     except Exception as err:
         if isinstance(err, COMPOSITION_ERRORS) and not hydra_traceback:
-            message = explain(err, argv)
-            made = _sweep_dir_since(argv, started) if "-m" in argv or "--multirun" in argv else None
-            if made is not None:
-                _discard_if_unused(None, made)
-        elif isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
-            message = str(err)  # Hydra raises (rather than reports) two of its modes at once, e.g. `-m --info`
-        else:
+            _exit(explain(err, argv), 2)
+        if isinstance(err, ValueError) and str(err).startswith("Only one of --run, --multirun"):
+            _exit(str(err), 2)  # Hydra raises (rather than reports) two of its modes at once, e.g. `-m --info`
+        storage = rundir.storage_problem(err, Path.cwd())  # e.g. Hydra writing .hydra/ on a full disk
+        if storage is None:
             raise
-        print(f"genrun: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit(storage, 1)
+    finally:
+        rundir.close_all(failed)
+
+
+def _exit(message: str, status: int) -> NoReturn:
+    print(f"genrun: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _unknown_option(argv: list[str]) -> str | None:
+    """What argparse would say (in several lines of usage) about an option Hydra does not know."""
+    from hydra._internal.utils import get_args_parser
+
+    if "--version" in argv:  # Hydra's --version action prints and exits
+        return None
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        _, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        return str(err)
+    options = [arg for arg in rest if arg.startswith("-")]
+    return f"unknown option {options[0]}; overrides are key=value" if options else None
 
 
 if __name__ == "__main__":

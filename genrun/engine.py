@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from genrun import checkpoint, parallel, versions
-from genrun.errors import UserError
+from genrun import atomic, checkpoint, parallel, stop, versions
+from genrun.errors import AlreadyFinished, UserError
 from genrun.gen import GeN
 from genrun.optim import build_optimizer
 from genrun.runtime import (
@@ -74,6 +74,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         seed_everything(cfg.seed + 1_000_003 * rank)
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    if resume is not None and resume["step"] >= total_steps:  # before any file of the run is touched
+        raise AlreadyFinished(f"{tc.resume} has already trained {resume['step']} of {total_steps} steps; nothing "
+                              "changed (raise trainer.max_steps or trainer.epochs to train longer)")
     # data are a function of (seed, epoch, index), never of the worker that loads them: any count
     # of workers gives the same run
     loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.cpu_threads(), task.heavy_items),
@@ -112,6 +115,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
     # -- resume ----------------------------------------------------------------------------
     step, epoch, batch_in_epoch = 0, 0, 0
+    last_ckpt = resume["step"] if resume is not None else None  # the step ckpt.pt holds, for messages
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -156,6 +160,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         return results
 
     def save_checkpoint() -> None:
+        nonlocal last_ckpt
         if not params_finite(model):  # only ever keep a good checkpoint
             return
         rngs = parallel.gather(checkpoint.rng_state())  # every process's, to resume each one's stream
@@ -170,11 +175,13 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
         })
+        last_ckpt = step
 
     # -- the loop --------------------------------------------------------------------------
     status, message, results = "finished", None, {}
     bar = tqdm(total=total_steps, initial=step, disable=_progress_disabled(tc.progress) or not main,
                desc="train", unit="step")
+    stop.defer(world == 1)  # one process: SIGTERM ends the current step first (several must stop in lockstep)
     try:
         while step < total_steps:
             sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum,
@@ -208,7 +215,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 loss_value = float(parallel.mean(loss))  # every process decides on the same number
                 if not math.isfinite(loss_value):
                     status = "diverged"
-                    message = f"loss is {loss_value} at step {step + 1}; the last good checkpoint is kept"
+                    message = f"loss is {loss_value} at step {step + 1}; {_kept(last_ckpt)}"
                     break
 
                 if gen is not None:
@@ -240,6 +247,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     results = evaluate()
                 if tc.ckpt_every and step % tc.ckpt_every == 0 and not ends_epoch:
                     save_checkpoint()
+                if stop.pending() and step < total_steps:  # a stop signal: end here, with this step checkpointed
+                    save_checkpoint()
+                    stop.now()
                 micro = upcoming if upcoming is not None else take()
             if status != "finished":
                 break
@@ -250,9 +260,10 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 save_checkpoint()
     except BaseException as err:  # Ctrl-C, a crash: the run did not finish, whatever it had evaluated
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        message = f"{type(err).__name__} at step {step + 1}; resume from the last checkpoint with trainer.resume"
+        message = f"{_cause(err)} after {step} steps; {_kept(last_ckpt)}"
         raise
     finally:
+        stop.defer(False)
         bar.close()
         summary = {
             "status": status,
@@ -272,11 +283,26 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             "run_dir": str(run_dir),
             "versions": software,
         }
-        if main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for sink in sinks:
-            sink.close(status)
+        try:
+            if main:  # whole or not at all: a full disk keeps the previous summary.json
+                atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        finally:
+            for sink in sinks:
+                sink.close(status)
     return summary
+
+
+def _kept(last_ckpt: int | None) -> str:
+    """What a stopped run leaves to resume from, as it is."""
+    if last_ckpt is None:
+        return "no checkpoint was written yet (the first comes at an epoch's end or trainer.ckpt_every)"
+    return f"the last good checkpoint (step {last_ckpt}) is kept"
+
+
+def _cause(err: BaseException) -> str:
+    if isinstance(err, stop.Stopped):
+        return f"stopped by {err.args[0]}"
+    return "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else type(err).__name__
 
 
 def _schedule_factor(sched: DictConfig, total_steps: int):

@@ -18,6 +18,15 @@ class DataMissing(UserError):
     """A data set is not on disk where the task looked for it."""
 
 
+class DataCorrupt(UserError):
+    """A data file is there but cannot be read as its format says (truncated, damaged, foreign)."""
+
+
+class AlreadyFinished(UserError):
+    """`trainer.resume` of a run that has trained all its steps: nothing to do, and nothing was changed.
+    Printed as one line, exit status 0."""
+
+
 def as_user_error(err: BaseException) -> UserError | None:
     """The UserError behind `err`: itself, or the cause Hydra's `instantiate` wrapped it in."""
     if isinstance(err, UserError):

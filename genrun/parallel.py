@@ -56,14 +56,32 @@ def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: st
     logs = _job_logging()
     # torch logs a warning as it stops the other processes after one failed: the error says it all
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    context = mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors, logs),
+                                 nprocs=devices, start_method="spawn", join=False)
     try:
-        mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors, logs),
-                           nprocs=devices, start_method="spawn")
+        while not context.join():
+            pass
+    except KeyboardInterrupt as err:
+        _stop_processes(context.processes, err)
+        raise
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         if not errors.empty():  # a process met bad input; the others were stopped
-            raise UserError(errors.get()) from None
+            raise errors.get() from None  # the UserError itself: AlreadyFinished stays what it is
         raise
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _stop_processes(processes: list[Any], err: KeyboardInterrupt) -> None:
+    """Pass a stop signal this process got on to the training processes (Ctrl-C reached them with it:
+    a terminal signals the whole group), then wait while process 0 records the run as interrupted."""
+    from genrun import stop
+
+    if isinstance(err, stop.Stopped):
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, err.signum)
+    for process in processes:
+        process.join(timeout=120)
 
 
 def check_devices(device: str, devices: int) -> None:
@@ -77,9 +95,11 @@ def check_devices(device: str, devices: int) -> None:
 
 def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
             group: str | None, name: str | None, errors: Any, logs: dict[str, Any] | None) -> None:
+    from genrun import stop
     from genrun.engine import train
     from genrun.runtime import pick_device
 
+    stop.install()  # SIGTERM as Ctrl-C: process 0 records the run as interrupted
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # as torchrun sets them
     if rank == 0 and logs:  # process 0 logs as the Hydra job would have: console and genrun.log
         logging.config.dictConfig(logs)
@@ -94,7 +114,7 @@ def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
         user = explain(err)
         if user is None:
             raise
-        errors.put(str(user))
+        errors.put(user)
         sys.exit(2)  # a non-zero exit makes the launcher stop the other processes
     finally:
         dist.destroy_process_group()

@@ -4,11 +4,14 @@ engine always writes JsonlSink; ``logger=`` (csv / wandb / none) adds one more."
 
 import csv
 import inspect
+import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+from genrun import atomic
 
 KINDS = ("train", "eval", "gen")
 
@@ -71,8 +74,15 @@ class _FileSink:
         return self._files["gen" if _kind(record) == "gen" else "metrics"]
 
     def close(self, status: str = "finished") -> None:
+        # every file is closed even when one cannot flush (a full disk); the first error then propagates
+        errors = []
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
 
 class JsonlSink(_FileSink):
@@ -126,12 +136,11 @@ class _CsvFile:
         self._f.close()
         with open(self.path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic.write_text(self.path, text.getvalue())  # a full disk keeps the old file
         self.columns = columns
         self._reopen()
 

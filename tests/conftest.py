@@ -46,17 +46,45 @@ def compose_cfg():
     GlobalHydra.instance().clear()
 
 
+#: A user's file in every test's scratch dir: next to `hydra.run.dir=<tmp>/run`, above `outputs/...`.
+USER_FILE = "notes-of-the-user.txt"
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` with its bytes: what must be the same after genrun gave up."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in files_under(root) if p.is_file()}
+
+
 @pytest.fixture
 def genrun(tmp_path):
-    """Run the installed `genrun` in a scratch dir (not the repo) and return the finished process."""
+    """Run the installed `genrun` in a scratch dir (not the repo) and return the finished process.
 
-    def _run(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    Whatever a test asks of genrun, a file that existed before a call still exists after it: the
+    scratch dir starts with a user's file in it, and every call is checked for removing anything."""
+    (tmp_path / USER_FILE).write_text("mine\n")
+
+    def _run(*args: str, timeout: float = 300, cwd: Path | None = None,
+             python: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-        return subprocess.run(
-            [str(GENRUN), *args], cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        command = [str(GENRUN), *args] if python is None else [sys.executable, "-c", _patched(python), *args]
+        before = files_under(tmp_path)
+        proc = subprocess.run(command, cwd=cwd or tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        gone = sorted(str(p) for p in before - files_under(tmp_path))
+        assert not gone, f"genrun {' '.join(args)} removed files that were there before it: {gone}"
+        return proc
 
-    return _run
+    yield _run
+    assert (tmp_path / USER_FILE).read_text() == "mine\n"
+
+
+def _patched(prelude: str) -> str:
+    """`genrun` run after `prelude` (Python that patches genrun to inject a fault), its arguments
+    taken from the command line."""
+    return f"{prelude}\nimport sys\nfrom genrun.cli import main\nsys.argv[0] = 'genrun'\nmain()\n"
 
 
 def scored_in_shares(task, model, data, count: int = 3, batch_size: int = 4, to_device=lambda b: b):

@@ -100,7 +100,7 @@ def test_unknown_group_option_names_the_valid_ones(genrun, tmp_path):
     "override",
     ["optim.gen.every=0", "optim.gen.smoothing=1.5", "trainer.batch_size=-1", "optim.gen.horizon=bogus",
      "trainer.threads=0", "trainer.average=-1", "trainer.devices=0", "trainer.ddp_find_unused=maybe",
-     "trainer.num_workers=many"],
+     "trainer.num_workers=many", "optim.lr=inf", "optim.gen.points=[-1,nan,1]"],
 )
 def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, override):
     proc = genrun(override)
@@ -112,13 +112,14 @@ def test_invalid_values_fail_in_one_line_without_a_run_dir(genrun, tmp_path, ove
     assert no_run_dirs(tmp_path)
 
 
-def test_a_failed_start_removes_only_the_folders_hydra_made(genrun, tmp_path):
+def test_a_failed_start_removes_only_the_folders_it_made(genrun, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
-    assert genrun("optim.gen.every=0", f"hydra.run.dir={mine / 'run'}").returncode == 2
-    assert mine.is_dir() and not any(mine.iterdir())  # the user's empty folder stays
-    assert genrun("optim.gen.every=0").returncode == 2
-    assert not any((tmp_path / "outputs").iterdir())  # outputs/<date>/<time>: both levels go
+    for bad in ("optim.gen.every=0", "task=cifar10"):  # found before Hydra writes / while building the task
+        assert genrun(bad, f"task.data_dir={tmp_path / 'none'}", f"hydra.run.dir={mine / 'run'}").returncode == 2
+        assert mine.is_dir() and not any(mine.iterdir())  # the user's empty folder stays
+    assert genrun("task=cifar10", f"task.data_dir={tmp_path / 'none'}").returncode == 2
+    assert not (tmp_path / "outputs").exists()  # outputs/<date>/<time>: all three levels were made, all go
 
 
 def test_missing_dataset_names_the_path_and_the_flag(genrun, tmp_path):

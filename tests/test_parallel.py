@@ -231,6 +231,30 @@ def test_killing_the_launcher_ends_its_processes(tmp_path):
             proc.kill()
 
 
+def test_sigterm_to_the_launcher_stops_its_processes_and_records_the_run_as_interrupted(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(GENRUN), *QUIET, "trainer.devices=2", "trainer.epochs=50", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "ckpt.pt").exists():
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)  # `timeout` and some schedulers signal only the process they started
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == f"genrun: stopped by SIGTERM; continue with: genrun trainer.resume={run_dir}"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(_stat, workers)):  # multiprocessing's resource tracker, too
+        time.sleep(0.05)
+    assert not any(map(_stat, workers))
+
+
 def test_ddps_unused_parameter_error_names_the_key(tmp_path):
     from genrun.parallel import explain
 
