@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from genrun.errors import DataMissing, UserError
+from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import Task, in_split_order
 
 PENN_FUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
@@ -167,8 +167,6 @@ class PennFudan(DetectionTask):
         return folder
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
-        from PIL import Image
-
         folder = self._folder()
         names = sorted(p.name for p in (folder / "PNGImages").glob("*.png"))
         images, targets = [], []
@@ -176,12 +174,24 @@ class PennFudan(DetectionTask):
             mask_path = folder / "PedMasks" / name.replace(".png", "_mask.png")
             if not mask_path.is_file():
                 raise DataMissing(f"task.data_dir: {mask_path} is missing; Penn-Fudan has one mask per image")
-            with Image.open(folder / "PNGImages" / name) as image, Image.open(mask_path) as mask:
-                images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255)
-                targets.append(instances(torch.from_numpy(np.asarray(mask, dtype=np.int64))))
+            image, mask = _read_image(folder / "PNGImages" / name, "RGB"), _read_image(mask_path, None)
+            images.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+            targets.append(instances(torch.from_numpy(mask.astype(np.int64))))
         train, test = _split(len(names), self.test_size, self.split_seed)
         return (Scenes([images[i] for i in train], [targets[i] for i in train], flip=self.flip),
                 {"test": Scenes([images[i] for i in test], [targets[i] for i in test])})
+
+
+def _read_image(path: Path, mode: str | None) -> np.ndarray:
+    """An image file's pixels (converted to `mode`); a damaged file is a DataCorrupt naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert(mode) if mode else image)
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DataCorrupt(f"task.data_dir: {path} is not a readable image ({str(err)[:160]}); "
+                          "unzip PennFudanPed.zip again") from None
 
 
 class SyntheticScenes(DetectionTask):

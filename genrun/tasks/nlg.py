@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from genrun.errors import DataMissing, UserError
+from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import Task, pad, share_of
 from genrun.tasks.nlg_metrics import METRICS, check_metrics, score as score_texts
 
@@ -43,12 +43,15 @@ IGNORE = -100      # label of a prompt or padding position: no loss
 
 def read_e2e(path: Path) -> list[tuple[str, str]]:
     """The (mr, ref) rows of one E2E CSV file, in file order."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("mr", "ref") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path}: no column {missing[0]!r} in the header; is this one of E2E's CSV files?")
-        pairs = [(row["mr"].strip(), row["ref"].strip()) for row in reader if row["mr"] and row["ref"]]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("mr", "ref") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path}: no column {missing[0]!r} in the header; is this one of E2E's CSV files?")
+            pairs = [(row["mr"].strip(), row["ref"].strip()) for row in reader if row["mr"] and row["ref"]]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataCorrupt(f"{path}: not a readable E2E CSV file ({str(err)[:160]}); download it again") from None
     if not pairs:
         raise UserError(f"{path}: no (mr, ref) rows; is this one of E2E's CSV files?")
     return pairs

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from genrun.errors import DataMissing, UserError
+from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import Task, pad
 from genrun.tasks.token_cache import FIELDS, cached_tokenize
 
@@ -73,8 +73,11 @@ def read_glue(path: Path, spec: GlueSpec) -> tuple[list[tuple[str, ...]], list[f
     Quotes are literal in GLUE's files (QUOTE_NONE); rows with missing fields, which a few
     of QQP's and MNLI's releases have, are skipped.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC's files start with a BOM
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC's files start with a BOM
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataCorrupt(f"{path}: not a readable GLUE file ({str(err)[:160]}); download {spec.folder} again") from None
     columns = (*spec.text, spec.label)
     if spec.header:
         header, rows = rows[0], rows[1:]

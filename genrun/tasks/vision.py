@@ -12,7 +12,8 @@ is cheaper), ToTensor, Normalize(0.5, 0.5) -> pixels in [-1, 1]. Every Table 2 s
 
 Integrity: torchvision checks md5 sums when it downloads; loading here checks that the files
 are present (not their md5 sums), so re-packed copies and the tests' tiny fixtures load.
-A missing data set is a one-line DataMissing naming the path and `task.download=true`.
+A missing data set is a one-line DataMissing naming the path and `task.download=true`; a damaged
+file is a one-line DataCorrupt. CIFAR's pickles are read without running code (`vision_data`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from genrun.errors import DataMissing, UserError
+from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import ClassificationTask
 
 
@@ -147,6 +148,10 @@ class TorchvisionTask(ClassificationTask):
             if self.download:
                 raise UserError(f"task.download=true: could not fetch {self.title} into {self.root} ({reason})") from err
             raise DataMissing(f"task.data_dir: {self.title} under {self.root} is incomplete ({reason})") from err
+        except (ValueError, KeyError, IndexError, EOFError) as err:  # a damaged list or annotation file
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise DataCorrupt(f"task.data_dir: {self.title} under {self.root} has a file that cannot be read "
+                              f"({type(err).__name__}: {reason}); extract the archive again") from err
         return train, {"test": test}
 
 
