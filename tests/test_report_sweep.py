@@ -68,3 +68,36 @@ def test_a_sweep_over_seeds_only_is_one_row_and_job_ten_comes_after_job_two(tmp_
     assert varying(runs) == [] and split_of(runs) == "dev"
     assert main([str(tmp_path)]) == 0
     assert "| all runs | 11 | 0.5500 ±0.0500 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_a_truncated_summary_or_a_cut_off_line_skips_that_run_or_line_and_says_so(tmp_path, capsys):
+    _sweep(tmp_path)
+    (tmp_path / "1" / "summary.json").write_text('{"status": "fini')  # a full disk, a kill mid-write
+    with open(tmp_path / "0" / "metrics.jsonl", "a") as f:  # the row's first run: its curve is drawn
+        f.write('{"kind": "train", "st')
+    assert main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"genrun-report: note: skipped {tmp_path / '1'}: JSONDecodeError reading it (" in err
+    assert f"genrun-report: note: skipped 1 unreadable line(s) of {tmp_path / '0' / 'metrics.jsonl'}" in err
+    assert "| optim=sgd | 1 (1 diverged) |" in (tmp_path / "sweep.md").read_text()  # seeds 0 and 2 of 0, 1, 2
+
+
+def test_killed_and_running_runs_are_listed_as_unfinished(tmp_path, capsys):
+    from genrun import rundir
+
+    _sweep(tmp_path)
+    for num in (2, 5):
+        (tmp_path / str(num) / "summary.json").unlink()  # killed (kill -9, the machine lost) before the end
+    held = rundir.claim(tmp_path / "5", key="hydra.run.dir")  # as a genrun still training it holds it
+    try:
+        assert main([str(tmp_path)]) == 0
+    finally:
+        held.release()
+    err = capsys.readouterr().err
+    assert (f"genrun-report: note: unfinished run {tmp_path / '2'} (no summary.json: killed, or stopped by a crash); "
+            "not in the tables") in err
+    assert f"genrun-report: note: unfinished run {tmp_path / '5'} (still running); not in the tables" in err
+    for num in range(6):
+        (tmp_path / str(num) / "summary.json").unlink(missing_ok=True)
+    assert main([str(tmp_path)]) == 2
+    assert "genrun-report: error: no finished runs" in capsys.readouterr().err

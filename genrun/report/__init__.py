@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"genrun-report: error: {args.sweep_dir} is not a directory; pass a sweep dir", file=sys.stderr)
         return 2
-    runs = load_runs(args.sweep_dir)
+    notes: list[str] = []
+    runs = load_runs(args.sweep_dir, notes)
     if not runs:
-        print(f"genrun-report: error: no runs (dirs with summary.json) under {args.sweep_dir}", file=sys.stderr)
+        _print_notes(notes)
+        print(f"genrun-report: error: no finished runs (dirs with summary.json) under {args.sweep_dir}",
+              file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -46,11 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         written = sweep.render(runs, out)
     for path in written:
         print(path)
+    _print_notes(notes)
     commits = sorted({c for r in runs if (c := r.summary.get("versions", {}).get("genrun_commit"))})
     if len(commits) > 1:  # a table over runs of different code is worth knowing about
         print(f"genrun-report: note: these runs come from {len(commits)} genrun commits ({', '.join(commits)}); "
               "summary.json's versions says which run used which", file=sys.stderr)
     return 0
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in dict.fromkeys(notes):  # each once, in order
+        print(f"genrun-report: note: {note}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from genrun.rundir import in_use
 
 
 @dataclass
@@ -21,16 +24,17 @@ class Run:
     cfg: DictConfig
     summary: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be read, shared by a sweep's runs
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
         """metrics.jsonl: train and eval records in order."""
-        return _jsonl(self.path / "metrics.jsonl")
+        return _jsonl(self.path / "metrics.jsonl", self.notes)
 
     @cached_property
     def probes(self) -> list[dict[str, Any]]:
         """gen.jsonl: one record per GeN probe."""
-        return _jsonl(self.path / "gen.jsonl")
+        return _jsonl(self.path / "gen.jsonl", self.notes)
 
     @property
     def status(self) -> str:
@@ -49,24 +53,50 @@ class Run:
         return (self.summary.get("final") or {}).get(split) or {}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def _jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a line cut off by a kill or a full disk is skipped and noted."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, broken = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record, broken = None, broken + 1
+        if isinstance(record, dict):
+            records.append(record)
+    if broken:
+        notes.append(f"skipped {broken} unreadable line(s) of {path}")
+    return records
 
 
-def load_runs(sweep_dir: Path) -> list[Run]:
-    """Every run dir below `sweep_dir` (any depth) that has a summary.json and .hydra/config.yaml."""
+def load_runs(sweep_dir: Path, notes: list[str] | None = None) -> list[Run]:
+    """Every run dir below `sweep_dir` (any depth) with .hydra/config.yaml and a readable summary.json.
+
+    What is left out goes into `notes`, one line each: runs without a summary.json (killed, or still
+    running), and runs whose files cannot be read (a truncated summary.json, say)."""
+    notes = [] if notes is None else notes
     runs = []
-    for summary in sorted(Path(sweep_dir).rglob("summary.json"), key=_natural):
-        run_dir = summary.parent
-        config = run_dir / ".hydra" / "config.yaml"
-        if not config.exists():
+    for config in sorted(Path(sweep_dir).rglob(".hydra/config.yaml"), key=_natural):
+        run_dir = config.parent.parent
+        if not (run_dir / "summary.json").exists():
+            state = "still running" if in_use(run_dir) else "no summary.json: killed, or stopped by a crash"
+            notes.append(f"unfinished run {run_dir} ({state}); not in the tables")
             continue
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-        runs.append(Run(run_dir, OmegaConf.load(config), json.loads(summary.read_text()), overrides))
+        try:
+            runs.append(_load_run(run_dir, notes))
+        except (OSError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+            notes.append(f"skipped {run_dir}: {type(err).__name__} reading it ({str(err).splitlines()[0][:120]})")
     return runs
+
+
+def _load_run(run_dir: Path, notes: list[str]) -> Run:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not isinstance(summary, dict):
+        raise ValueError("summary.json does not hold an object")
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
+    return Run(run_dir, OmegaConf.load(run_dir / ".hydra" / "config.yaml"), summary, overrides, notes)
 
 
 def _natural(path: Path) -> list[Any]:
