@@ -75,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
     if resume is not None and resume["step"] >= total_steps:  # before any file of the run is touched
+        checkpoint.rng_of(resume, rank, world)  # another process count is bad input, finished or not
         raise AlreadyFinished(f"{tc.resume} has already trained {resume['step']} of {total_steps} steps; nothing "
                               "changed (raise trainer.max_steps or trainer.epochs to train longer)")
     # data are a function of (seed, epoch, index), never of the worker that loads them: any count

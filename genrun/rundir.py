@@ -113,14 +113,13 @@ def claim(path: str | os.PathLike, *, key: str, fresh: bool = False) -> Claim:
         if not os.access(target, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "not writable")
         fd = _lock(target)
-    except _InUse:
-        _undo(made)
+    except _InUse:  # the folders made here are the other run's now: they stay
         raise UserError(f"{key}={target} is in use by another running genrun (it holds the dir's lock); wait for "
                         f"it to end, or choose another {key}") from None
     except OSError as err:
         _undo(made)
-        raise UserError(f"{key}={target}: cannot make or write this dir ({err.strerror or err}); choose a writable "
-                        f"dir with a shorter name, e.g. {key}=outputs/run1") from None
+        raise UserError(f"{key}={target}: cannot make or write this dir ({err.strerror or err}); choose another, "
+                        f"e.g. {key}=outputs/run1") from None
     hydra = target / ".hydra"
     saved = {p.name: p.read_bytes() for p in hydra.iterdir() if p.is_file()} if hydra.is_dir() else {}
     taken = Claim(target, made, fd, before=_entries(target), hydra_files=saved)

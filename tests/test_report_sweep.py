@@ -100,4 +100,4 @@ def test_killed_and_running_runs_are_listed_as_unfinished(tmp_path, capsys):
     for num in range(6):
         (tmp_path / str(num) / "summary.json").unlink(missing_ok=True)
     assert main([str(tmp_path)]) == 2
-    assert "genrun-report: error: no finished runs" in capsys.readouterr().err
+    assert "genrun-report: error: no runs (dirs with summary.json)" in capsys.readouterr().err

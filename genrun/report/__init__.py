@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(args.sweep_dir, notes)
     if not runs:
         _print_notes(notes)
-        print(f"genrun-report: error: no finished runs (dirs with summary.json) under {args.sweep_dir}",
-              file=sys.stderr)
+        print(f"genrun-report: error: no runs (dirs with summary.json) under {args.sweep_dir}", file=sys.stderr)
         return 2
     out = args.out or args.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
