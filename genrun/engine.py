@@ -95,12 +95,9 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         raise UserError(f"trainer.devices={world}: optim={cfg.optim.name} needs second derivatives, which DDP "
                         "does not all-reduce; train it with trainer.devices=1")
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    gen, probe_next = None, False
+    gen = None
     if cfg.optim.get("gen"):
         gen_kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
-        # "next": probe on the following batch (independent of the one that made d), which
-        # is then trained on as usual, so no data is skipped; "same": the training batch.
-        probe_next = gen_kwargs.pop("probe_batch", "same") == "next"
         gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=train_model,
                   scaler=scaler if scaler.is_enabled() else None)
     # GeN owns the lr, so a schedule would overwrite it; its T-dependent variant is optim.gen.horizon.
@@ -200,7 +197,6 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
             micro = take()
             while step < total_steps and micro:
-                upcoming = take() if probe_next and gen.will_probe else None
                 model.train()
                 if spec.has_modes:
                     optimizer.train()
@@ -220,9 +216,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                     break
 
                 if gen is not None:
-                    probe_on = upcoming or micro  # the epoch's last step has no next batch
-                    gen.step(partial(_mean_loss, task, train_model, probe_on, amp),
-                             loss=loss if probe_on is micro else None)
+                    gen.step(partial(_mean_loss, task, train_model, micro, amp), loss=loss)
                 else:
                     scaler.step(optimizer)
                 scaler.update()
@@ -238,7 +232,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                           "lr": lrs(), **task.step_metrics(model)})
                 if gen is not None:
                     # at most one new record per step, and history keeps the latest ones
-                    for record in gen.history[len(gen.history) - (gen.probes - gen_logged):]:
+                    for record in gen.new_records(gen_logged):
                         emit({"kind": "gen", **record})
                     gen_logged = gen.probes
                 bar.update(1)
@@ -251,7 +245,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
                 if stop.pending() and step < total_steps:  # a stop signal: end here, with this step checkpointed
                     save_checkpoint()
                     stop.now()
-                micro = upcoming if upcoming is not None else take()
+                micro = take()
             if status != "finished":
                 break
             if batch_in_epoch >= steps_per_epoch or step == total_steps:

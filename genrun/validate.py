@@ -78,8 +78,8 @@ GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("horizon", _one_of(None, "none", "linear", "cosine"), "none, linear or cosine"),
     ("init_search", _one_of(True, False), "true or false"),
     ("snapshot", _one_of("device", "cpu"), "device or cpu"),
+    ("probe", _one_of("same", "next"), "same or next"),
     ("guard", _one_of(True, False), "true or false"),
-    ("probe_batch", _one_of("same", "next"), "same or next"),
     ("history_size", _optional(_int_at_least(1)), "null or an integer >= 1"),
 ]
 
@@ -116,7 +116,6 @@ def _check_gen(cfg: DictConfig) -> None:
     from genrun.gen import GeN
 
     known = set(inspect.signature(GeN).parameters) - {"optimizer", "total_steps", "model", "scaler"}
-    known.add("probe_batch")  # the engine's, not GeN's: which batch the closure evaluates
     for key in gen:
         if key not in known:
             raise UserError(f"optim.gen.{key} is not a GeN setting{did_you_mean(key, known, 'optim.gen.')} "
@@ -127,9 +126,6 @@ def _check_gen(cfg: DictConfig) -> None:
     if not gen.get("slope", True) and sum(x != 0 for x in gen.get("points", [-1, 0, 1])) < 2:
         raise UserError(f"optim.gen.points={gen.get('points', [-1, 0, 1])} with optim.gen.slope=false needs two "
                         "non-zero multipliers (the fit has two unknowns), e.g. [-1, 1, 2]")
-    if gen.get("probe_batch") == "next" and gen.get("slope", True):
-        raise UserError("optim.gen.probe_batch=next needs optim.gen.slope=false: "
-                        "the gradient's slope belongs to the training batch, not the probed one")
 
 
 def _check_no_nan(cfg: DictConfig) -> None:

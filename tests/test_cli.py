@@ -241,8 +241,8 @@ def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_pat
         (["hydra.job.nam=x"], "hydra.job.nam is not a key of this config; did you mean hydra.job.name?"),
         (["+trainer.epochs=3"], "trainer.epochs already exists: set it without the +"),
         (["task=cifar1000"], "task=cifar1000 is not an option of task; did you mean task=cifar100? (options: beale,"),
-        (["optim/gen=fastt"], "optim/gen=fastt is not an option of optim/gen; did you mean optim/gen=fast? "
-                              "(options: default, fast)"),
+        (["optim/gen=algorthm1"], "optim/gen=algorthm1 is not an option of optim/gen; did you mean optim/gen=algorithm1? "
+                              "(options: algorithm1, default, fast)"),
         (["+experiment=tabel2"], "experiment=tabel2 is not an option of experiment; did you mean experiment=table2?"),
         (["optim.lr=[1"], "cannot read the override 'optim.lr=[1': no viable alternative at input '[1'"),
         (["trainer.epochs"], "cannot read the override 'trainer.epochs': missing EQUAL"),

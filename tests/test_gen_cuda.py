@@ -1,4 +1,4 @@
-"""CUDA paths of GeN (skipped without a GPU): syncs, pinned snapshots, bf16, RNG replay.
+"""CUDA paths of GeN (skipped without a GPU): syncs, pinned snapshots, bf16, RNG replay (both estimators).
 
 ``python tests/test_gen_cuda.py`` runs these checks without pytest (a bare GPU box); speed and
 memory are ``python -m genrun.bench --device cuda``'s.
@@ -64,7 +64,7 @@ def _final_vs_lerp(snapshot):
     for p, q in zip(model.parameters(), ref.parameters()):
         q.grad = p.grad.clone()
     ref_opt.step()
-    gen = GeN(opt, every=1, model=model, snapshot=snapshot)
+    gen = GeN(opt, every=1, model=model, snapshot=snapshot, probe="same")
     gen.step(f)
     r = gen.history[0]["ratio"]
     ends = zip(model.parameters(), w_t, ref.parameters())
@@ -87,10 +87,19 @@ def test_cuda_snapshots_land_exactly_on_lerp_of_the_two_ends():
 
 
 def test_cuda_non_probe_steps_never_sync_and_probe_steps_sync_once():
+    # probe="same": the probe step's one .tolist(); probe="next": that of the probe step and that of
+    # the call after it, which measures the held step's slope
+    expected = {"same": [0, 0, 0, 1, 0, 0, 0], "next": [1, 0, 0, 1, 1, 0, 0]}
+    for probe, sync_pattern in expected.items():
+        syncs = _syncs_per_call(probe)
+        assert syncs[1:8] == sync_pattern, (probe, syncs)
+
+
+def _syncs_per_call(probe):
     model = _net()
     x, y = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = GeN(opt, every=4, model=model)
+    gen = GeN(opt, every=4, model=model, probe=probe)
     f = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
     syncs = []
     for t in range(8):
@@ -110,18 +119,18 @@ def test_cuda_non_probe_steps_never_sync_and_probe_steps_sync_once():
         if t == 0:
             print("first probe step syncs at:", [f"{w.filename}:{w.lineno}" for w in found])
         opt.zero_grad()
-    print("host syncs per gen.step:", syncs)
-    assert syncs[1:4] == [0, 0, 0] and syncs[5:8] == [0, 0, 0]
-    assert syncs[4] == 1  # the probe step's one .tolist()
+    print(f"host syncs per gen.step (probe={probe!r}):", syncs)
+    assert len(gen.history) == 2
+    return syncs
 
 
 def test_cuda_bf16_autocast_dropout_replay_and_rng_stream():
     x, y = _batch()
 
-    def run(use_gen):
+    def run(use_gen, probe):
         model = _net(dropout=0.3)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        gen = GeN(opt, every=1, model=model)
+        gen = GeN(opt, every=1, model=model, probe=probe)
 
         def f():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -132,12 +141,19 @@ def test_cuda_bf16_autocast_dropout_replay_and_rng_stream():
         loss = f()
         loss.backward()
         gen.step(f, loss=None) if use_gen else opt.step()
-        return loss.float().item(), gen, torch.rand(3, device="cuda"), torch.rand(3)
+        streams = torch.rand(3, device="cuda"), torch.rand(3)
+        if use_gen and probe == "next":  # its record is made at the next call
+            opt.zero_grad()
+            f().backward()
+            gen.step(f)
+        return loss.float().item(), gen, *streams
 
-    l0, gen, cuda_stream, cpu_stream = run(True)
-    _, _, cuda_plain, cpu_plain = run(False)
-    assert gen.history[0]["losses"][1] == l0
-    assert torch.equal(cuda_stream, cuda_plain) and torch.equal(cpu_stream, cpu_plain)
+    for probe in ("next", "same"):
+        l0, gen, cuda_stream, cpu_stream = run(True, probe)
+        _, _, cuda_plain, cpu_plain = run(False, probe)
+        s0 = gen.history[0]["l0"] if probe == "next" else gen.history[0]["losses"][1]
+        assert s0 == l0, (probe, s0, l0)  # loss=None: the probe at s = 0 replays the training forward's masks
+        assert torch.equal(cuda_stream, cuda_plain) and torch.equal(cpu_stream, cpu_plain), probe
 
 
 def test_cuda_bf16_parameters_rejected_probe_is_bit_exact():
@@ -146,7 +162,7 @@ def test_cuda_bf16_parameters_rejected_probe_is_bit_exact():
     ref = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
-    gen = GeN(opt, every=1, model=model)
+    gen = GeN(opt, every=1, model=model, probe="same")  # probe="next" cuts a non-finite probe's step
     nn.functional.cross_entropy(ref(x.bfloat16()), y).backward()
     ref_opt.step()
     loss = nn.functional.cross_entropy(model(x.bfloat16()), y)
@@ -166,7 +182,7 @@ def test_cuda_exact_mode_runs_and_agrees_with_fit_on_a_quadratic():
     for mode in ("fit", "exact"):
         w = w0.clone().requires_grad_()
         opt = torch.optim.Adam([w], lr=0.05)
-        gen = GeN(opt, every=1, mode=mode, smoothing=0.5, max_change=None)
+        gen = GeN(opt, every=1, probe="same", mode=mode, smoothing=0.5, max_change=None)
         f = lambda: 0.5 * w @ h @ w - c @ w  # noqa: E731
         for _ in range(3):
             loss = f()

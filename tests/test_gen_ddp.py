@@ -1,4 +1,4 @@
-"""DDP with two gloo processes: every rank picks the same lr, replicas stay bit-identical."""
+"""DDP with two gloo processes: every rank picks the same lr, replicas stay bit-identical (both estimators)."""
 
 import socket
 
@@ -19,14 +19,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, probe):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
         model = nn.parallel.DistributedDataParallel(
             nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1)))
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-        gen = GeN(opt, every=1, model=model)
+        gen = GeN(opt, every=1, model=model, probe=probe)
         g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
         local_losses = []
         for _ in range(6):
@@ -44,19 +44,22 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_replicas_stay_bit_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("probe", ["next", "same"])
+def test_ddp_replicas_stay_bit_identical(tmp_path, probe):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), probe), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["local"] != r1["local"]  # the ranks really saw different batches
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
     assert r0["history"] == r1["history"]
+    assert len(r0["history"]) == (5 if probe == "next" else 6)
     assert any(r["accepted"] for r in r0["history"])
     assert len({r["lr_after"] for r in r0["history"]}) > 2
     # the L0 each rank used is the average of both ranks' training losses
-    assert r0["history"][0]["losses"][1] == pytest.approx((r0["local"][0] + r1["local"][0]) / 2, rel=1e-6)
+    l0 = r0["history"][0]["l0"] if probe == "next" else r0["history"][0]["losses"][1]
+    assert l0 == pytest.approx((r0["local"][0] + r1["local"][0]) / 2, rel=1e-6)
 
 
-def _sharded_worker(rank, world, port, out_dir):
+def _sharded_worker(rank, world, port, out_dir, probe):
     """FSDP in miniature: each rank owns half of w, the forward all-gathers it."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -69,7 +72,7 @@ def _sharded_worker(rank, world, port, out_dir):
         for sharded in (True, False):
             w = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=f64)[shard].requires_grad_()
             opt = torch.optim.SGD([w], lr=0.01)
-            gen = GeN(opt, every=1, smoothing=0.0, max_change=None, sharded=sharded)
+            gen = GeN(opt, every=1, smoothing=0.0, max_change=None, sharded=sharded, probe=probe)
 
             def gather():
                 parts = [torch.empty_like(w) for _ in range(world)]
@@ -80,29 +83,36 @@ def _sharded_worker(rank, world, port, out_dir):
                 full = gather()
                 return 0.5 * full @ h @ full - c @ full
 
-            pairs = []
-            for _ in range(3):
+            etas = []
+            for _ in range(4):
                 full = gather().requires_grad_()
                 loss = 0.5 * full @ h @ full - c @ full
                 loss.backward()
                 w.grad = full.grad[shard].clone()  # the reduce-scattered gradient shard
                 gf = full.grad
+                etas.append((gf @ gf / (gf @ h @ gf)).item())  # η* along this step's full gradient
                 gen.step(closure, loss=loss.detach())
                 opt.zero_grad()
-                pairs.append((gen.lr, (gf @ gf / (gf @ h @ gf)).item(), gen.history[-1]["reason"]))
-            results[sharded] = pairs
+            results[sharded] = [(r["eta_star"], etas[r["step"]], r["reason"]) for r in gen.history]
         torch.save(results, f"{out_dir}/shard{rank}.pt")
     finally:
         dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
 
 
-def test_sharded_parameters_sum_the_slope_over_shards(tmp_path):
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("probe", ["next", "same"])
+def test_sharded_parameters_sum_the_slope_over_shards(tmp_path, probe):
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), probe), nprocs=2, join=True)
     res = [torch.load(tmp_path / f"shard{r}.pt", weights_only=False) for r in range(2)]
     assert res[0] == res[1]
-    for lr, expected, reason in res[0][True]:
-        assert reason is None and lr == pytest.approx(expected, rel=1e-6)
-    # averaging the per-shard Σ grad·δ (sharded=False) halves β; the exact slope then
-    # contradicts the probes, and the R² gate says so
-    assert [reason for *_, reason in res[0][False]] == ["r2"] * 3
+    assert len(res[0][True]) == (3 if probe == "next" else 4)
+    for eta_star, expected, reason in res[0][True]:
+        assert reason is None and eta_star == pytest.approx(expected, rel=1e-6)
+    if probe == "same":
+        # averaging the per-shard Σ grad·δ (sharded=False) halves β; the exact slope then
+        # contradicts the probes, and the R² gate says so
+        assert [reason for *_, reason in res[0][False]] == ["r2"] * 4
+    else:
+        # halved β_B (and Σ g'·δ) make a = 2(L(1) - L0 + β_B) = a - β_B < 0 for a short step, and the
+        # held-out slope β' = (a - β_B)/2 < 0: every measurement says the steps do not descend
+        assert [reason for *_, reason in res[0][False]] == ["no_descent"] * 3

@@ -1,4 +1,4 @@
-"""The pure arithmetic of a GeN probe: fit vs the paper's closed forms, gate, horizon, guard.
+"""The pure arithmetic of Algorithm 1's probe: fit vs the paper's closed forms, gate, horizon, smoothing.
 
 Convention: L(s) = L(w_t - s·δ), δ = η·d (s = 1 is the step the base optimizer took).
 The paper writes L± := L(w_t ± η·d), i.e. its L+ is our L(-1) and its L- our L(1).
@@ -9,17 +9,8 @@ import random
 
 import pytest
 
-from genrun.gen.fit import (
-    ParabolaFit,
-    fit_parabola,
-    grown_ratio,
-    guarded_ratio,
-    horizon_factor,
-    kept_ratio,
-    recovered_ratio,
-    smoothed_ratio,
-    why_rejected,
-)
+from genrun.gen.fit import ParabolaFit, fit_parabola, horizon_factor, smoothed_ratio, why_rejected
+from genrun.gen.guard import grown_ratio, guarded_ratio, kept_ratio, recovered_ratio, shrunk_ratio
 
 SEEDS = range(20)
 
@@ -131,6 +122,7 @@ def test_why_rejected_order_and_reasons():
 
 def test_horizon_factors():
     assert horizon_factor(None, 7, None) == 1.0
+    assert horizon_factor("cosine", 7, None) == 1.0  # the run's length unknown: no decay
     assert horizon_factor("none", 7, 10) == 1.0
     assert [horizon_factor("linear", t, 10) for t in (0, 5, 10, 20)] == pytest.approx([1, 0.5, 0, 0])
     cos = [horizon_factor("cosine", t, 8) for t in (0, 2, 4, 8, 9)]
@@ -145,6 +137,13 @@ def test_smoothed_ratio_and_clamp():
     assert smoothed_ratio(1e-3, 0.0, 1.0, 2.0) == 0.5
 
 
+def test_r_squared_of_huge_finite_losses_does_not_raise():
+    from genrun.gen.fit import r_squared
+
+    value = r_squared([-1.0, 1.0], [1e200, -1e200], 1.0, 1.0)  # squares overflow float64
+    assert math.isnan(value)  # inf / inf: fails any min_r2 gate instead of raising
+
+
 def test_guard_caps_at_minimiser_only_when_the_probes_show_overshoot():
     fit = ParabolaFit(1.0, 1.0, 1.0, False)  # s* = 1, loss rises again beyond s = 2
     assert guarded_ratio(2.5, fit, [], [], 0.0) == (1.0, True)
@@ -154,8 +153,9 @@ def test_guard_caps_at_minimiser_only_when_the_probes_show_overshoot():
     assert guarded_ratio(0.8, fit, [], [], 0.0) == (0.8, False)
 
 
+
 def test_shrunk_ratio_only_lowers_and_only_for_an_r2_rejection():
-    from genrun.gen.fit import shrunk_ratio
+    from genrun.gen.guard import shrunk_ratio
 
     inside = ParabolaFit(4.0, 1.0, 0.5, False)                      # s* = 0.25
     assert shrunk_ratio(inside, "r2", None) == (0.25, True)
@@ -163,6 +163,7 @@ def test_shrunk_ratio_only_lowers_and_only_for_an_r2_rejection():
     assert shrunk_ratio(inside, "slope<=0", None) == (1.0, False)   # other rejections keep the rate
     assert shrunk_ratio(ParabolaFit(0.5, 1.0, 0.5, False), "r2", None) == (1.0, False)   # s* = 2: never raises
     assert shrunk_ratio(ParabolaFit(-1.0, 1.0, 0.5, False), "r2", None) == (1.0, False)  # concave: no minimiser
+
 
 
 def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
@@ -180,12 +181,14 @@ def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
     assert grown_ratio(ascent, "curvature<=0", pts, 1e-7, 2.0) == (1.0, False)  # not a descent step
 
 
+
 def test_kept_ratio_falls_by_at_most_the_clamp_and_stays_below_twice_the_minimiser():
     assert kept_ratio(0.3, 2.0) == 0.5       # the clamp: the lr halves at most
     assert kept_ratio(0.1, 2.0) == 0.2       # but never above 2·s*, where the parabola says L rises
     assert kept_ratio(1e-9, 2.0) == 2e-9
     assert kept_ratio(0.7, 2.0) == 0.7
     assert kept_ratio(0.1, None) == 0.1      # no clamp: the lr takes the whole cap
+
 
 
 def test_recovered_ratio_moves_to_the_minimiser_within_the_clamp_and_the_cut_rate():
@@ -196,10 +199,3 @@ def test_recovered_ratio_moves_to_the_minimiser_within_the_clamp_and_the_cut_rat
     assert recovered_ratio(1.3, 4.0, 1.0, 2.0, 1.6) == 1.6      # the rate before the cut, not beyond
     assert recovered_ratio(1.3, 4.0, 0.25, 2.0, 8.0) == 1.3     # s*·h = 1: never below the smoothed rate
     assert recovered_ratio(0.95, 0.5, 1.0, 2.0, 8.0) == 0.95    # a minimiser inside the step: no raise
-
-
-def test_r_squared_of_huge_finite_losses_does_not_raise():
-    from genrun.gen.fit import r_squared
-
-    value = r_squared([-1.0, 1.0], [1e200, -1e200], 1.0, 1.0)  # squares overflow float64
-    assert math.isnan(value)  # inf / inf: fails any min_r2 gate instead of raising

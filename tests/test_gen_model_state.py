@@ -1,4 +1,4 @@
-"""Probes leave BatchNorm statistics, the RNG stream and GradScaler semantics alone."""
+"""Probes leave BatchNorm statistics, the RNG stream and GradScaler semantics alone (both estimators)."""
 
 import pytest
 import torch
@@ -21,12 +21,12 @@ def buffers(model):
     return [b.clone() for b in model.buffers()]
 
 
-@pytest.mark.parametrize("mode", ["fit", "exact"])
-def test_batchnorm_statistics_move_only_in_the_training_forward(mode):
+@pytest.mark.parametrize("probe,mode", [("next", "fit"), ("same", "fit"), ("same", "exact")])
+def test_batchnorm_statistics_move_only_in_the_training_forward(probe, mode):
     x, y = data()
     model = bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = GeN(opt, every=1, model=model, mode=mode)
+    gen = GeN(opt, every=1, model=model, mode=mode, probe=probe)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
     for _ in range(3):
         loss = f()
@@ -37,19 +37,22 @@ def test_batchnorm_statistics_move_only_in_the_training_forward(mode):
         assert all(torch.equal(a, b) for a, b in zip(buffers(model), after_forward))
     assert int(model[1].num_batches_tracked) == 3
     assert model.training
+    assert len(gen.history) == (2 if probe == "next" else 3)
 
 
-def test_without_model_the_probes_would_move_batchnorm():
+@pytest.mark.parametrize("probe,forwards", [("next", 1), ("same", 2)])
+def test_without_model_the_probes_would_move_batchnorm(probe, forwards):
     x, y = data()
     model = bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    gen = GeN(opt, every=1)
+    gen = GeN(opt, every=1, probe=probe)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
     loss = f()
     loss.backward()
     after_forward = buffers(model)
     gen.step(f, loss=loss.detach())
-    assert int(model[1].num_batches_tracked) == 3  # one training + two probe forwards
+    # one training forward + the probe forwards: L(1) (next), L(-1) and L(1) (same)
+    assert int(model[1].num_batches_tracked) == 1 + forwards
     assert not torch.equal(model[1].running_mean, after_forward[0])
 
 
@@ -79,11 +82,11 @@ def dropout_model():
     return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 1))
 
 
-def _dropout_step(use_gen, remember):
+def _dropout_step(use_gen, remember, probe="same"):
     x, y = data(1)
     model = dropout_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = GeN(opt, every=1, points=(-1.0, 0.0, 1.0), model=model)
+    gen = GeN(opt, every=1, points=(-1.0, 0.0, 1.0), model=model, probe=probe)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
     torch.manual_seed(123)
     if remember:
@@ -97,18 +100,32 @@ def _dropout_step(use_gen, remember):
     return loss.item(), gen, torch.rand(4)
 
 
-def test_remember_rng_replays_dropout_masks_so_s0_reproduces_l0():
-    l0, gen, _ = _dropout_step(use_gen=True, remember=True)
-    rec = gen.history[0]
-    assert rec["losses"][rec["points"].index(0.0)] == l0  # bit-exact: same weights, same masks
-    l0_fresh, gen_fresh, _ = _dropout_step(use_gen=True, remember=False)
-    assert gen_fresh.history[0]["losses"][1] != l0_fresh  # fresh masks: another function
+def _s0_loss(gen):
+    """The probe loss at s = 0 (w_t) of the first probe step (loss=None: it was a forward)."""
+    if gen.probe == "same":
+        rec = gen.history[0]
+        return rec["losses"][rec["points"].index(0.0)]
+    model = gen.model
+    gen.zero_grad()
+    f = lambda: model[-1].weight.square().sum()  # noqa: E731  probe="next" records one call later
+    f().backward()
+    gen.step(f)
+    return gen.history[0]["l0"]
 
 
+@pytest.mark.parametrize("probe", ["next", "same"])
+def test_remember_rng_replays_dropout_masks_so_s0_reproduces_l0(probe):
+    l0, gen, _ = _dropout_step(use_gen=True, remember=True, probe=probe)
+    assert _s0_loss(gen) == l0  # bit-exact: same weights, same masks
+    l0_fresh, gen_fresh, _ = _dropout_step(use_gen=True, remember=False, probe=probe)
+    assert _s0_loss(gen_fresh) != l0_fresh  # fresh masks: another function
+
+
+@pytest.mark.parametrize("probe", ["next", "same"])
 @pytest.mark.parametrize("remember", [True, False])
-def test_probing_does_not_shift_the_training_rng_stream(remember):
-    *_, stream_plain = _dropout_step(use_gen=False, remember=remember)
-    *_, stream_gen = _dropout_step(use_gen=True, remember=remember)
+def test_probing_does_not_shift_the_training_rng_stream(remember, probe):
+    *_, stream_plain = _dropout_step(use_gen=False, remember=remember, probe=probe)
+    *_, stream_gen = _dropout_step(use_gen=True, remember=remember, probe=probe)
     assert torch.equal(stream_plain, stream_gen)
 
 
@@ -130,23 +147,28 @@ def _quadratic(seed=2):
     return h, w
 
 
-def test_grad_scaler_steps_use_unscaled_gradients():
+@pytest.mark.parametrize("probe", ["next", "same"])
+def test_grad_scaler_steps_use_unscaled_gradients(probe):
     h, w = _quadratic()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     opt = torch.optim.SGD([w], lr=0.01)
-    gen = GeN(opt, every=1, smoothing=0.0, max_change=None, scaler=scaler)
+    gen = GeN(opt, every=1, smoothing=0.0, max_change=None, scaler=scaler, probe=probe)
     f = lambda: 0.5 * w @ h @ w  # noqa: E731
-    for _ in range(3):
+    grads = []
+    for _ in range(4):
         loss = f()
         scaler.scale(loss).backward()
         gen.step(f, loss=loss.detach())
-        g = w.grad.clone()  # unscaled in place by scaler.step
+        grads.append(w.grad.clone())  # unscaled in place by scaler.step
         scaler.update()
         opt.zero_grad()
-        assert gen.history[-1]["accepted"]
-    # η* is the unscaled formula (a scaled β would make it 4096 times too large)
-    gb = gen.history[-1]
-    assert gb["beta_s"] == pytest.approx((g @ g).item() * gb["lr_before"], rel=1e-9)
+    assert len(gen.history) == (3 if probe == "next" else 4)
+    # β is the unscaled formula (a scaled β would make η* 4096 times too large)
+    for rec in gen.history:
+        g = grads[rec["step"]]
+        beta = rec["beta_own"] if probe == "next" else rec["beta_s"]
+        assert rec["accepted"] and beta == pytest.approx((g @ g).item() * rec["lr_before"], rel=1e-9)
+        assert rec["eta_star"] == pytest.approx((g @ g / (g @ h @ g)).item(), rel=1e-9)
 
 
 class FakeScaler:
@@ -163,22 +185,39 @@ class FakeScaler:
         return None
 
 
-@pytest.mark.parametrize("scaler", ["torch", "fake"])
-def test_skipped_step_is_not_probed_and_keeps_the_lr(scaler):
+def _scaled_call(gen, sc, w, h, f, inf=False):
+    loss = 0.5 * w @ h @ w
+    (sc.scale(loss) if isinstance(sc, torch.amp.GradScaler) else loss).backward()
+    if inf:
+        w.grad[0] = float("inf")
+    gen.step(f, loss=loss.detach())
+    if isinstance(sc, torch.amp.GradScaler):
+        sc.update()
+    gen.zero_grad()
+
+
+@pytest.mark.parametrize("scaler,probe", [
+    ("torch", "next"), ("fake", "next"), ("torch", "same"), ("fake", "same"),
+])
+def test_skipped_step_is_not_probed_and_keeps_the_lr(scaler, probe):
     h, w = _quadratic(3)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler == "torch" else FakeScaler()
     opt = torch.optim.Adam([w], lr=0.01)
-    gen = GeN(opt, every=1, scaler=sc)
+    gen = GeN(opt, every=1, scaler=sc, probe=probe)
     calls = []
     f = lambda: calls.append(1) or 0.5 * w @ h @ w  # noqa: E731
     w0 = w.detach().clone()
-    loss = 0.5 * w @ h @ w
-    (sc.scale(loss) if scaler == "torch" else loss).backward()
-    w.grad[0] = float("inf")
-    gen.step(f, loss=loss.detach())
-    if scaler == "torch":
-        sc.update()
-    rec = gen.history[0]
-    assert rec["reason"] == "skipped_step" and not rec["accepted"]
+    _scaled_call(gen, sc, w, h, f, inf=True)
     assert calls == [] and gen.lr == 0.01 and torch.equal(w.detach(), w0)
     assert opt.state[w] == {} or int(opt.state[w]["step"]) == 0
+    if probe == "same":
+        rec = gen.history[0]
+        assert rec["reason"] == "skipped_step" and not rec["accepted"]
+        return
+    _scaled_call(gen, sc, w, h, f)  # a step taken: probed, held for the next call
+    assert gen.history == [] and calls == [1] and int(opt.state[w]["step"]) == 1  # no record of the skipped one
+    lr, w1 = gen.lr, w.detach().clone()
+    _scaled_call(gen, sc, w, h, f, inf=True)  # the measuring call's step is skipped: no slope, lr kept
+    rec = gen.history[0]
+    assert rec["step"] == 1 and rec["reason"] == "nonfinite" and not rec["accepted"]
+    assert calls == [1] and gen.lr == lr and torch.equal(w.detach(), w1) and int(opt.state[w]["step"]) == 1

@@ -1,4 +1,8 @@
-"""GeN around real torch.optim optimizers: one base step per call, groups, untouched params."""
+"""GeN around real torch.optim optimizers: one base step per call, groups, untouched params.
+
+What holds for both estimators is parametrized over ``probe``; the exact placement of a probe
+step (lerp of its two ends) is tested for each.
+"""
 
 import copy
 
@@ -6,6 +10,9 @@ import pytest
 import torch
 
 from genrun.gen import GeN
+
+PROBES = pytest.mark.parametrize("probe", ["next", "same"])
+
 
 
 def least_squares(seed=0, n=64, d=8):
@@ -15,11 +22,12 @@ def least_squares(seed=0, n=64, d=8):
     return x, y
 
 
-def test_base_optimizer_steps_exactly_once_per_call():
+@PROBES
+def test_base_optimizer_steps_exactly_once_per_call(probe):
     x, y = least_squares()
     w = torch.zeros(8, requires_grad=True)
     opt = torch.optim.Adam([w], lr=0.05)
-    gen = GeN(opt, every=1, smoothing=0.5)
+    gen = GeN(opt, every=1, smoothing=0.5, probe=probe)
     f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
     grads = []
     for _ in range(12):
@@ -41,11 +49,12 @@ def test_base_optimizer_steps_exactly_once_per_call():
     assert torch.equal(s["exp_avg_sq"], s_ref["exp_avg_sq"])
 
 
-def test_group_lr_ratios_survive():
+@PROBES
+def test_group_lr_ratios_survive(probe):
     x, y = least_squares(1)
     a, b = torch.zeros(8, requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}], momentum=0.5)
-    gen = GeN(opt, every=1)
+    gen = GeN(opt, every=1, probe=probe)
     f = lambda: ((x @ a + b - y) ** 2).mean()  # noqa: E731
     for _ in range(30):
         loss = f()
@@ -58,14 +67,15 @@ def test_group_lr_ratios_survive():
     assert gen.param_groups is opt.param_groups
 
 
-def test_frozen_and_gradless_params_are_untouched():
+@PROBES
+def test_frozen_and_gradless_params_are_untouched(probe):
     x, y = least_squares(2)
     w = torch.zeros(8, requires_grad=True)
     frozen = torch.randn(8).requires_grad_(False)
     unused = torch.randn(8, requires_grad=True)
     frozen0, unused0 = frozen.clone(), unused.clone()
     opt = torch.optim.AdamW([w, frozen, unused], lr=0.05, weight_decay=0.1)
-    gen = GeN(opt, every=1)
+    gen = GeN(opt, every=1, probe=probe)
     f = lambda: ((x @ (w + frozen) - y) ** 2).mean()  # noqa: E731
     for _ in range(5):
         loss = f()
@@ -75,6 +85,7 @@ def test_frozen_and_gradless_params_are_untouched():
         opt.zero_grad()
     assert torch.equal(frozen, frozen0) and torch.equal(unused.detach(), unused0.detach())
     assert not torch.equal(w.detach(), torch.zeros(8))
+    assert len(gen.history) >= 4 and any(r["lr_after"] != r["lr_before"] for r in gen.history)
 
 
 OPTIMIZERS = {
@@ -86,13 +97,14 @@ OPTIMIZERS = {
 }
 
 
+@PROBES
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_each_base_optimizer_reduces_least_squares(name):
+def test_each_base_optimizer_reduces_least_squares(name, probe):
     x, y = least_squares(3)
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     opt = OPTIMIZERS[name](model.parameters())
-    gen = GeN(opt, every=2)
+    gen = GeN(opt, every=2, probe=probe)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
     first = f().item()
     for _ in range(60):
@@ -102,28 +114,32 @@ def test_each_base_optimizer_reduces_least_squares(name):
         opt.zero_grad()
     assert f().item() < 0.25 * first
     assert any(r["accepted"] for r in gen.history)
-    assert len(gen.history) == 30
+    steps = [r["step"] for r in gen.history]
+    if probe == "same":
+        assert steps == list(range(0, 60, 2))  # a record per probe step
+    else:  # a record per probe step that moved the weights, made one call later
+        assert steps[:10] == list(range(0, 20, 2)) and set(steps) <= set(range(0, 60, 2))
 
 
-def _one_probe_step(snapshot, closure_factory=None):
+def _one_probe_step(snapshot, closure_factory=None, probe="same", lr=0.05):
     x, y = least_squares(4)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
     for _ in range(2):  # give momentum some state
         f().backward()
         opt.step()
         opt.zero_grad()
     plain_model, plain_opt = copy.deepcopy(model), None
-    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=0.9)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=lr, momentum=0.9)
     plain_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else buffers are shared
     w_t = [p.detach().clone() for p in model.parameters()]
     loss = f()
     loss.backward()
     ((plain_model(x).squeeze(1) - y) ** 2).mean().backward()
     plain_opt.step()
-    gen = GeN(opt, every=1, snapshot=snapshot)
+    gen = GeN(opt, every=1, snapshot=snapshot, probe=probe, **({"guard": False} if probe == "same" else {}))
     gen.step(closure_factory(f) if closure_factory else f, loss=loss.detach())
     w_next = [p.detach().clone() for p in plain_model.parameters()]
     return gen, w_t, w_next, [p.detach().clone() for p in model.parameters()]
@@ -148,21 +164,58 @@ def test_rejected_probe_leaves_the_base_step_bit_exactly(snapshot):
     assert all(torch.equal(a, b) for a, b in zip(w, w_next))
 
 
-def test_cpu_and_device_snapshots_agree_bitwise():
-    _, _, _, w_dev = _one_probe_step("device")
-    _, _, _, w_cpu = _one_probe_step("cpu")
+def _held_record(gen):
+    """The record of the probe step just taken: probe="next" makes it at the next call."""
+    params = [p for group in gen.param_groups for p in group["params"]]
+    f = lambda: sum((p**2).sum() for p in params)  # noqa: E731  any batch will do
+    gen.zero_grad()
+    f().backward()
+    gen.step(f)
+    return gen.history[0]
+
+
+@pytest.mark.parametrize("snapshot", ["device", "cpu"])
+def test_next_batch_probe_step_is_the_base_step_bit_exactly_unless_cut(snapshot):
+    gen, w_t, w_next, w = _one_probe_step(snapshot, probe="next")
+    assert gen.history == [] and gen.lr == 0.05  # measured at the next call
+    assert all(torch.equal(a, b) for a, b in zip(w, w_next))
+    assert _held_record(gen)["cut"] == 1.0
+
+
+@pytest.mark.parametrize("snapshot", ["device", "cpu"])
+def test_next_batch_cut_lands_exactly_on_lerp_of_the_two_ends(snapshot):
+    gen, w_t, w_next, w = _one_probe_step(snapshot, probe="next", lr=2.0)  # raises its batch's loss
+    lr_cut = gen.lr
+    cut = _held_record(gen)["cut"]
+    assert 0.0 < cut < 0.5 and gen.history[0]["lr_before"] == 2.0
+    assert lr_cut == 2.0 * cut  # the lr is cut with the step, at once
+    for a, b, p in zip(w_t, w_next, w):
+        assert torch.equal(p, torch.lerp(a, b, cut))  # w_t - r·δ, one rounding
+
+
+@pytest.mark.parametrize("probe,lr", [("same", 0.05), ("next", 2.0)])
+def test_cpu_and_device_snapshots_agree_bitwise(probe, lr):
+    _, _, _, w_dev = _one_probe_step("device", probe=probe, lr=lr)
+    _, _, w_next, w_cpu = _one_probe_step("cpu", probe=probe, lr=lr)
+    assert not all(torch.equal(a, b) for a, b in zip(w_dev, w_next))  # the step was rescaled or cut
     assert all(torch.equal(a, b) for a, b in zip(w_dev, w_cpu))
 
 
-def test_tensor_learning_rate_is_scaled_in_place():
+@PROBES
+def test_tensor_learning_rate_is_scaled_in_place(probe):
     x, y = least_squares(5)
     w = torch.zeros(8, requires_grad=True)
     lr = torch.tensor(0.01)
     opt = torch.optim.Adam([w], lr=lr)
-    gen = GeN(opt, every=1, smoothing=0.0)
+    gen = GeN(opt, every=1, smoothing=0.0, probe=probe)
     f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
-    loss = f()
-    loss.backward()
-    gen.step(f, loss=loss.detach())
-    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
-    assert gen.lr == pytest.approx(gen.history[0]["lr_after"]) and gen.lr != 0.01
+    for _ in range(2):
+        loss = f()
+        loss.backward()
+        gen.step(f, loss=loss.detach())
+        opt.zero_grad()
+    assert opt.param_groups[0]["lr"] is lr  # the caller's tensor, moved in place
+    rec = gen.history[0]
+    assert rec["lr_after"] != rec["lr_before"] == pytest.approx(0.01)
+    if probe == "next":
+        assert gen.lr == pytest.approx(rec["lr_after"]) and float(lr) == gen.lr

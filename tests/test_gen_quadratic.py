@@ -1,4 +1,5 @@
-"""GeN on L(w) = ½wᵀHw - cᵀw, where every quantity has a closed form (float64)."""
+"""GeN(probe="same") (Algorithm 1's probes) on L(w) = ½wᵀHw - cᵀw, where every quantity has a closed
+form (float64).  The default estimator's closed forms are in test_gen_nextbatch.py."""
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def loss_of(h, c, w):
 
 
 def exact_gen():
-    return dict(every=1, smoothing=0.0, max_change=None)
+    return dict(probe="same", every=1, smoothing=0.0, max_change=None)
 
 
 def test_gen_sgd_picks_the_exact_step_along_the_gradient():
@@ -98,7 +99,7 @@ def test_gen_sgd_update_is_scale_invariant_remark_3_4():
 def _eta_stars(mode):
     h, c, w = quadratic(seed=3)
     opt = torch.optim.Adam([w], lr=0.05)
-    gen = GeN(opt, mode=mode, every=1, smoothing=0.5, max_change=None)
+    gen = GeN(opt, probe="same", mode=mode, every=1, smoothing=0.5, max_change=None)
     f = loss_of(h, c, w)
     for _ in range(6):
         loss = f()
@@ -141,7 +142,7 @@ def test_init_search_picks_the_grid_lr_with_the_lowest_loss():
     h, c, w = quadratic(seed=5)
     w0 = w.detach().clone()
     opt = torch.optim.SGD([w], lr=1e-5)
-    gen = GeN(opt, init_search=True, every=1)
+    gen = GeN(opt, probe="same", init_search=True, every=1)
     f = loss_of(h, c, w)
     loss = f()
     loss.backward()
@@ -166,7 +167,7 @@ def test_init_search_hits_a_known_optimum_on_the_grid():
     w = torch.tensor([2.0, -1.0], dtype=F64, requires_grad=True)
     f = lambda: 50.0 * (w**2).sum()  # noqa: E731  Hessian 100·I: best lr along -g is exactly 1e-2
     opt = torch.optim.SGD([w], lr=3e-6)
-    gen = GeN(opt, init_search=True)
+    gen = GeN(opt, probe="same", init_search=True)
     loss = f()
     loss.backward()
     gen.step(f, loss=loss.detach())
@@ -185,7 +186,7 @@ def test_init_search_divides_the_grid_lr_by_the_momentum_echo(make, echo):
     h, c, w = quadratic(seed=5)
     opt = make([w])
     assert momentum_echo(opt.param_groups) == pytest.approx(echo)
-    gen = GeN(opt, init_search=True, every=1)
+    gen = GeN(opt, probe="same", init_search=True, every=1)
     f = loss_of(h, c, w)
     loss = f()
     loss.backward()
@@ -228,3 +229,27 @@ def test_horizon_scales_eta_star(horizon):
         factor = 1 - t / 8 if horizon == "linear" else (1 + math.cos(math.pi * t / 8)) / 2
         assert gen.history[-1]["horizon"] == pytest.approx(factor)
         assert gen.lr == pytest.approx((gd @ gd / (gd @ h @ gd)).item() * factor, rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9])
+def test_algorithm1_is_line_9_unclamped_with_the_three_point_fit(gamma):
+    h, c, w = quadratic(seed=7)
+    opt = torch.optim.SGD([w], lr=1e-3)  # far below η*: an unclamped jump
+    gen = GeN.algorithm1(opt, every=1, smoothing=gamma)
+    assert gen.probe == "same" and gen.points == (-1.0, 0.0, 1.0) and not gen.slope
+    assert gen.max_change is None and gen.horizon is None
+    f = loss_of(h, c, w)
+    loss = f()
+    loss.backward()
+    g, w0 = w.grad.detach().clone(), w.detach().clone()
+    gen.step(f, loss=loss.detach())
+    eta = (g @ g / (g @ h @ g)).item()
+    rec = gen.history[0]
+    assert rec["points"] == [-1.0, 0.0, 1.0] and rec["r2"] == pytest.approx(1.0, abs=1e-12)
+    assert rec["eta_star"] == pytest.approx(eta, rel=1e-6)
+    # the slope is the central difference of the probes, not Σ grad·δ (equal on a quadratic)
+    l_m1, _, l_p1 = rec["losses"]
+    assert rec["beta_s"] == pytest.approx((l_m1 - l_p1) / 2, rel=1e-12)
+    target = gamma * 1e-3 + (1 - gamma) * eta
+    assert gen.lr == pytest.approx(target, rel=1e-6) and gen.lr > 2.0 * 1e-3  # past the default clamp ×2
+    torch.testing.assert_close(w.detach(), w0 - target * g, rtol=1e-9, atol=1e-12)

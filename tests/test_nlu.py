@@ -307,7 +307,7 @@ def test_table4_presets_compose_every_row(compose_cfg):
             assert ("gen" in cfg.optim) == row.startswith("gen")
             if row.startswith("gen"):
                 assert cfg.optim.gen.every == 8 and cfg.optim.gen.horizon == "linear"
-                assert cfg.optim.gen.probe_batch == ("next" if row == "gen_next" else "same")
+                assert cfg.optim.gen.probe == ("next" if row == "gen_next" else "same")
             else:
                 assert cfg.sched._target_ == "genrun.sched.warmup_linear"
     for task in ("sst2", "mnli", "rte", "qqp"):

@@ -267,7 +267,7 @@ def test_table7_presets_compose_every_row(compose_cfg):
             assert bool(cfg.optim.get("gen")) == row.startswith("gen")
             if row.startswith("gen"):
                 assert cfg.optim.name == "adam" and cfg.optim.gen.horizon == "none"
-                assert cfg.optim.gen.probe_batch == ("next" if row.endswith("next") else "same")
+                assert cfg.optim.gen.probe == ("next" if row.endswith("next") else "same")
         assert cfg.task.name == ("ml1m" if preset == "table7" else "synthetic_seqrec")
 
 

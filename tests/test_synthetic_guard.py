@@ -1,8 +1,10 @@
-"""GeN must not make a run diverge: the failure on Beale, reproduced, and the guard that fixes it.
+"""GeN must not make a run diverge: Algorithm 1's failure on Beale, reproduced, and the default estimator's cut.
 
 A plain Algorithm 1 (probes at {-1, 0, 1}, parabola through them, γ-smoothing, lr clamp ×2)
 diverges on Beale from (1, 1.5) with γ = 0.9 while γ = 0 converges: the smoothed rate lags a
-falling η*, and steps at rates the probes have just shown to raise the loss. All synthetic.
+falling η*, and steps at rates the probes have just shown to raise the loss. GeN's default
+estimator (probe="next") cuts a step that raised its own batch's loss on the spot, and with it
+the lr. All synthetic.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import pytest
 import torch
 
 from genrun.gen import GeN
-from genrun.gen.fit import BACKTRACK_RANGE, backtrack_ratio
+from genrun.gen.guard import BACKTRACK_RANGE, backtrack_ratio
 from genrun.tasks.synthetic import Beale, Rosenbrock
 
 F64 = torch.float64
+
 
 
 def _beale(x: float, y: float) -> float:
@@ -32,7 +35,7 @@ def _beale_grad(x: float, y: float) -> tuple[float, float]:
 
 
 def plain_algorithm_1(gamma: float, lr: float = 1e-3, iters: int = 1000) -> dict:
-    """Algorithm 1 on Beale with gradient descent, Φ = 1, points {-1, 0, 1}, clamp ×2, no guard.
+    """Algorithm 1 on Beale with gradient descent, Φ = 1, points {-1, 0, 1}, clamp ×2.
 
     Returns how it ended and how often it stepped at a rate whose probe at the current
     rate had already shown a rise (L(w - ηd) > L(w)).
@@ -68,10 +71,10 @@ def test_plain_algorithm_1_diverges_on_beale_with_smoothing_and_converges_withou
     assert not direct["diverged"] and direct["f"] < 1e-8
 
 
-def _run(task, opt_factory, iters: int = 1000, **gen_kwargs) -> dict:
+def _run(task, opt_factory, iters: int = 1000, make=GeN, **gen_kwargs) -> dict:
     w = torch.nn.Parameter(torch.tensor(task.start, dtype=torch.float32))
     opt = opt_factory([w])
-    gen = GeN(opt, **gen_kwargs)
+    gen = make(opt, **gen_kwargs)
     for t in range(iters):
         loss = task.value(w)
         if not torch.isfinite(loss):
@@ -83,6 +86,39 @@ def _run(task, opt_factory, iters: int = 1000, **gen_kwargs) -> dict:
 
 
 @pytest.mark.parametrize("lr", [1e-4, 1e-3, 1e-2])
+def test_gen_same_batch_reproduces_the_plain_failure(lr):
+    # GeN's same-batch probes configured as the plain algorithm: parabola through the 3 probes,
+    # no R² gate, Φ = 1, clamp ×2
+    plain = dict(probe="same", every=1, slope=False, min_r2=None, max_change=2.0, guard=False)
+    sgd = lambda p: torch.optim.SGD(p, lr=lr)  # noqa: E731
+    assert _run(Beale(), sgd, **plain, smoothing=0.9)["diverged"]
+    direct = _run(Beale(), sgd, **plain, smoothing=0.0)
+    assert not direct["diverged"] and direct["f"] < 1e-6
+    # Algorithm 1 as printed (no clamp at all) with γ = 0.9 diverges too
+    assert _run(Beale(), sgd, make=GeN.algorithm1, every=1, smoothing=0.9)["diverged"]
+
+
+@pytest.mark.parametrize("task", [Rosenbrock(), Beale()], ids=["rosenbrock", "beale"])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_next_batch_gen_sgd_from_sgds_default_lr_converges_where_same_batch_diverges(task, momentum):
+    # conf/optim/sgd.yaml's lr 0.05: the first step is far too long. Same-batch probes (Φ = 4, γ = 0.9,
+    # exact slope, R² gate) reject its fit and keep the rate: diverged within a few steps. The default
+    # estimator sees the first step raise its own batch's loss and cuts it (and the lr) on the spot.
+    start = float(task.value(torch.tensor(task.start)))
+    sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum)  # noqa: E731
+    assert _run(task, sgd, iters=50, probe="same", guard=False)["diverged"]
+    run = _run(task, sgd, probe="next")
+    assert not run["diverged"] and run["f"] < 0.01 * start
+    first = run["gen"].history[0]
+    assert first["step"] == 0 and first["l1"] > first["l0"] and 0.0 < first["cut"] < 0.5
+    # the record's a and β_B are of the step as taken (cut to B's parabola minimum: slope = curvature there);
+    # l0, l1 of the step as the base optimizer proposed it, r times longer
+    r = first["cut"]
+    assert first["beta_own"] == pytest.approx(first["a_s"], rel=1e-9)
+    assert first["l1"] - first["l0"] == pytest.approx(first["a_s"] / (2 * r * r) - first["beta_own"] / r, rel=1e-6)
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1e-3, 1e-2])
 def test_gen_reproduces_the_plain_failure_and_the_guard_removes_it(lr):
     # GeN configured as the plain algorithm: parabola through the 3 probes, no R² gate, Φ = 1
     plain = dict(every=1, slope=False, min_r2=None, max_change=2.0)
@@ -91,6 +127,7 @@ def test_gen_reproduces_the_plain_failure_and_the_guard_removes_it(lr):
     assert not _run(Beale(), sgd, **plain, smoothing=0.0, guard=False)["diverged"]
     guarded = _run(Beale(), sgd, **plain, smoothing=0.9, guard=True)
     assert not guarded["diverged"] and guarded["f"] < 1e-6
+
 
 
 @pytest.mark.parametrize("task", [Rosenbrock(), Beale()], ids=["rosenbrock", "beale"])
@@ -112,6 +149,7 @@ def test_default_gen_sgd_from_its_default_lr_diverges_unguarded_and_converges_gu
     assert guarded["f"] < 0.01 * start
 
 
+
 @pytest.mark.parametrize("lr", [1.0, 5.0])
 def test_a_capped_lr_stays_below_twice_the_minimiser(lr, monkeypatch):
     # From lr 1-5 on Rosenbrock the first fit is accepted with s* ~ 1e-9: this step is capped
@@ -122,8 +160,9 @@ def test_a_capped_lr_stays_below_twice_the_minimiser(lr, monkeypatch):
     first = kept["gen"].history[0]
     assert first["accepted"] and first["guarded"] and first["lr_after"] <= 2 * first["ratio"] * lr
     assert not kept["diverged"]
-    monkeypatch.setattr("genrun.gen.gen.kept_ratio", lambda r, max_change: max(r, 1.0 / max_change))
+    monkeypatch.setattr("genrun.gen.samebatch.kept_ratio", lambda r, max_change: max(r, 1.0 / max_change))
     assert _run(Rosenbrock(), sgd, iters=200, guard=True)["diverged"]
+
 
 
 def test_backtrack_ratio_rules():
@@ -145,6 +184,7 @@ def test_backtrack_ratio_rules():
     assert backtrack_ratio(1.0, [1.0], [3.0], 1.0, math.nan) == (1.0, False)
     # the probe beyond r says nothing about r
     assert backtrack_ratio(0.5, [1.0], [3.0], 1.0, 2.0) == (0.5, False)
+
 
 
 def test_guard_reprobes_until_the_step_no_longer_raises_the_loss():

@@ -7,8 +7,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .fit import backtrack_ratio
-
 
 def rng_state() -> dict[str, Any]:
     """CPU generator state, plus every CUDA device's if CUDA is already initialised.
@@ -138,34 +136,3 @@ def probe_losses(
                 device = out[-1].device
     scope.settle()
     return out
-
-
-def backtrack(
-    closure: Callable[[], Any],
-    place: Callable[[float], None],
-    scope: ProbeScope,
-    device: torch.device,
-    r: float,
-    l0: float,
-    beta: float,
-    reduce: Callable[[Tensor], float],
-    tries: int,
-) -> tuple[float, list[float], list[float]]:
-    """The guard's line search after a rejected fit (:func:`~genrun.gen.fit.backtrack_ratio`).
-
-    Probe the cut multiplier ``r`` and cut again (from L0 = ``l0`` and the slope ``beta``)
-    while it still raises the loss, at most ``tries`` forwards (spent only when the
-    probes already showed a rise).  ``reduce`` turns each loss into the number every
-    rank agrees on.  Returns the final r and the multipliers and losses tried.
-    """
-    tried: list[float] = []
-    seen: list[float] = []
-    for _ in range(tries):
-        value = probe_losses(closure, place, [r], scope, device)[0]
-        loss_r = reduce(value.to(device=device, dtype=torch.float64).reshape(1))
-        tried.append(r)
-        seen.append(loss_r)
-        r, cut = backtrack_ratio(r, [r], [loss_r], l0, beta)
-        if not cut:
-            break
-    return r, tried, seen

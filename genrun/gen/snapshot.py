@@ -10,7 +10,7 @@ from torch import Tensor
 _ALIGN = 16  # elements; keeps every view 16-element aligned so foreach kernels vectorise
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half/bfloat16 parameters (a bf16 sum keeps 3 digits), else the dtype."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -103,7 +103,7 @@ class StepSnapshot:
         parts = []
         with torch.no_grad():
             for ft, fn in self._pairs():
-                acc = _accumulation_dtype(ft.buf.dtype)
+                acc = accumulation_dtype(ft.buf.dtype)
                 grads = [p.grad for p in ft.params]
                 if ft.on_device:
                     d = ft.buf - fn.buf  # one transient copy
@@ -143,6 +143,19 @@ class StepSnapshot:
                     if s not in (0.0, 1.0):
                         p.lerp_(self._dev(b, p), float(s))
         self._at = s
+
+    def keep_delta(self) -> list[Tensor]:
+        """Turn the stored ``w_t`` into ``w_t - w`` (w: the parameters now, the step as taken), drop
+        ``w_{t+1}``, and return those differences per parameter, in :attr:`params` order."""
+        with torch.no_grad():
+            for ft in self.w_t:
+                if ft.on_device:
+                    torch._foreach_sub_(ft.views, ft.params)
+                else:
+                    for v, p in zip(ft.views, ft.params):
+                        v.sub_(p.detach().to(v.device))
+        self.w_next, self._at = None, None
+        return [v for ft in self.w_t for v in ft.views]
 
     def release(self) -> None:
         """Drop both copies (the caching allocator reuses them on the next probe)."""

@@ -54,6 +54,7 @@ def check_arguments(
     snapshot: Any,
     model: Any,
     scaler: Any,
+    probe: Any,
     guard: Any,
     distributed: Any,
     sharded: Any,
@@ -81,8 +82,10 @@ def check_arguments(
         raise ValueError(f"horizon must be one of None, 'none', 'linear', 'cosine', got {horizon!r}")
     if total_steps is not None and (not _is_int(total_steps) or total_steps < 1):
         raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
-    if horizon in ("linear", "cosine") and total_steps is None:
-        raise ValueError(f"horizon={horizon!r} needs total_steps (an integer >= 1), got None")
+    if probe not in ("next", "same"):
+        raise ValueError(f"probe must be 'next' or 'same', got {probe!r}")
+    if probe == "next" and (mode != "fit" or init_search):
+        raise ValueError("mode='exact' and init_search=True are options of probe='same' (Algorithm 1's probes)")
     if snapshot not in ("device", "cpu"):
         raise ValueError(f"snapshot must be 'device' or 'cpu', got {snapshot!r}")
     if distributed not in ("auto", True, False):

@@ -84,7 +84,7 @@ def render_markdown(rows: dict[tuple[str, str], list[Run]]) -> str:
         lines.append(f"| {METHODS[method]} | " + " | ".join(f"{a} \\| {b}" for a, b in pairs) + " |")
     if any(row == "gen_next" for _, row in rows):
         lines += ["", "† not in the paper: GeN probing the batch after the one that made the step "
-                  "(`optim.gen.probe_batch=next`)."]
+                  "(`optim.gen.probe=next`)."]
     return "\n".join(lines) + "\n"
 
 

@@ -68,7 +68,7 @@ def render_markdown(rows: dict[str, list[Run]]) -> str:
     for row, (batch, values) in PAPER.items():
         lines.append(f"| {LABEL[row]} | {batch} | | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines += ["", "† not in the paper: GeN at the small batch (the paper says GeN needs the larger one), and GeN "
-              "probing the batch after the one that made the step (`optim.gen.probe_batch=next`)."]
+              "probing the batch after the one that made the step (`optim.gen.probe=next`)."]
     return "\n".join(lines) + "\n"
 
 
