@@ -65,6 +65,8 @@ REGISTRY: dict[str, OptimSpec] = {
     "adamw": OptimSpec("torch.optim:AdamW"),
     "adagrad": OptimSpec("torch.optim:Adagrad"),
     "rmsprop": OptimSpec("torch.optim:RMSprop"),
+    "adafactor": OptimSpec("torch.optim:Adafactor"),
+    "lion": OptimSpec("pytorch_optimizer:Lion"),
     "adabelief": OptimSpec("pytorch_optimizer:AdaBelief"),
     "adahessian": OptimSpec("pytorch_optimizer:AdaHessian", create_graph=True),
     "prodigy": OptimSpec("prodigyopt:Prodigy", step_size=d_times_lr),

@@ -207,6 +207,30 @@ def test_every_experiment_row_validates(compose_cfg, preset, row):
     validate(compose_cfg([f"+experiment={preset}", f"experiment/{preset}_row={row}"]))
 
 
+@pytest.mark.parametrize("cell", [c.stem for c in sorted((CONF / "experiment" / "gen_suite_cell").glob("*.yaml"))])
+def test_every_gen_suite_cell_composes_with_every_kind_of_row(compose_cfg, cell):
+    base = {}
+    for row in ("const_1", "sched_4", "gen", "gen_div1000", "prodigy", "sf"):
+        cfg = compose_cfg(["+experiment=gen_suite", f"experiment/gen_suite_cell={cell}", f"experiment/gen_suite_row={row}"])
+        validate(cfg)
+        suite = cfg.gen_suite
+        assert suite.cell == cell and suite.row == row and len(suite.grid) == 4
+        assert list(suite.grid) == sorted(suite.grid) and suite.starts.div10 < suite.starts.x1 < suite.starts.x10
+        if row.startswith("const") or row.startswith("sched"):
+            base.setdefault("name", cfg.optim.name)
+            assert cfg.optim.name == base["name"] and "gen" not in cfg.optim
+            assert cfg.optim.lr == suite.grid[int(row[-1]) - 1]
+            assert (cfg.sched._target_ == "genrun.sched.constant") is row.startswith("const")
+        elif row.startswith("gen"):
+            start = {"gen": "x1", "gen_div1000": "div1000"}[row]
+            assert cfg.optim.name == base["name"] and cfg.optim.gen.probe == "same" and cfg.optim.gen.guard
+            assert cfg.optim.lr == suite.starts[start]
+        elif row == "prodigy":
+            assert cfg.optim.name == "prodigy" and cfg.optim.lr == 1.0
+        else:
+            assert cfg.optim.name == suite.sf.name and cfg.optim.name.startswith("sf_") and cfg.optim.lr > 0
+
+
 @pytest.mark.parametrize("preset", options("optim/gen"))
 def test_every_gen_preset_composes_and_builds_gen(compose_cfg, preset):
     from omegaconf import OmegaConf
@@ -216,8 +240,10 @@ def test_every_gen_preset_composes_and_builds_gen(compose_cfg, preset):
     cfg = compose_cfg(["optim=gen_adamw", f"optim/gen={preset}"])
     validate(cfg)
     kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
-    kwargs.pop("probe_batch")
     opt, _ = build_optimizer(cfg.optim, instantiate(cfg.model))
     gen = GeN(opt, **kwargs, total_steps=100)  # the engine passes T: the default horizon needs it
     assert gen.every == cfg.optim.gen.every and tuple(gen.points) == tuple(cfg.optim.gen.points)
-    assert gen.horizon == "cosine"
+    assert gen.horizon == ("none" if preset == "algorithm1" else "cosine")
+    if preset == "algorithm1":  # the preset and the classmethod are one setting
+        assert all(getattr(gen, k) == getattr(GeN.algorithm1(opt), k) for k in ("points", "slope", "min_r2",
+                                                                               "max_change", "guard", "probe"))

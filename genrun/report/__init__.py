@@ -18,7 +18,7 @@ from genrun.report import sweep
 from genrun.report.runs import load_runs
 
 # Report modules, in the order they render. Each is genrun.report.<name>.
-REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "table7"]
+REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "table7", "gen_suite"]
 
 
 def main(argv: list[str] | None = None) -> int:
