@@ -13,8 +13,9 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: The Hydra config groups (the repo's top-level conf/; the install is editable).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+#: The Hydra config groups: the checkout's top-level conf/ (genrun/conf links to it), or the
+#: copy a wheel carries inside the package.
+CONF_DIR = str((Path(__file__).parent / "conf").resolve())
 
 #: The libraries whose versions a run records (summary.json) and `genrun --version` prints.
 LIBRARIES = ("torch", "torchvision", "hydra-core", "timm", "transformers")

@@ -10,6 +10,7 @@ Hydra's own traceback is shown instead; a job's own errors are reported as Hydra
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -53,6 +54,9 @@ def explain(err: Exception, overrides: Sequence[str]) -> str:
 def _unknown_key(key: str, cause: BaseException | None, overrides: Sequence[str]) -> str:
     """`trainer.max_epochs`: no such key. Suggest a sibling from the config the user's group
     choices compose (the key may exist under another option, e.g. optim.gen with optim=sgd)."""
+    if "." not in key and (Path(CONF_DIR) / key).is_dir():  # a group no default chose, e.g. model
+        return (f"{key}: nothing in this config chose a {key} for the override to replace (a task of your "
+                f"own that names no default {key}); add one with +{key}=NAME")
     full = getattr(cause, "full_key", None) or key
     parent, _, leaf = str(full).rpartition(".")
     where = f": it has no {full}" if full != key else ""

@@ -228,6 +228,11 @@ def _import_target(group: str, target: str) -> Any:
 def _check_model_fits_task(cfg: DictConfig) -> None:
     """A model sizes itself from task keys (`${task.num_classes}`, `${task.num_items}`, ...);
     a task without them was paired with a model made for another task family."""
+    if cfg.get("model") is None:  # a task of the user's that names no default model
+        fits = ", ".join(models_for(cfg.task)) or "none of genrun's"
+        raise UserError(f"model: task={cfg.task.get('name', '?')} names no model; choose one with +model=NAME "
+                        f"(models that fit this task: {fits}), or add '- /model@_global_.model: NAME' to the "
+                        "defaults list of the task's YAML")
     try:
         OmegaConf.to_container(cfg.model, resolve=True)
     except InterpolationKeyError as err:

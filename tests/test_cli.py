@@ -335,3 +335,29 @@ def test_package_info_chatter_stays_out_of_the_run_log(genrun, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "ckpt.pt").exists()
     assert "retrieving DoG state dict" not in (run_dir / "genrun.log").read_text() + proc.stdout + proc.stderr
+
+
+def test_a_sweep_over_task_families_trains_each_with_its_own_model(genrun, tmp_path):
+    shown = genrun("task=rosenbrock", "--cfg", "job")
+    assert "_target_: genrun.tasks.synthetic.Point" in shown.stdout, shown.stderr
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "task=digits,rosenbrock", *FAST, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr
+    finals = [json.loads((sweep / str(i) / "summary.json").read_text())["final"]["test"] for i in (0, 1)]
+    assert "acc" in finals[0] and "objective" in finals[1]
+
+
+def test_a_users_task_without_a_model_is_a_one_line_error_naming_the_fitting_ones(genrun, tmp_path):
+    (tmp_path / "myconf" / "task").mkdir(parents=True)
+    (tmp_path / "myconf" / "task" / "bowl.yaml").write_text(
+        "_target_: genrun.tasks.synthetic.Rosenbrock\nname: bowl\nstart: [0.0, 0.0]\niterations: 10\n")
+    proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", *FAST, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "model: task=bowl names no model" in proc.stderr and "point" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", "model=point", *FAST,
+                  f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 2 and "add one with +model=NAME" in proc.stderr, proc.stderr
+    proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", "+model=point", *FAST,
+                  f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr

@@ -28,17 +28,25 @@ def test_groups_have_the_contracted_options():
 @pytest.mark.parametrize("task", options("task"))
 def test_every_task_composes_and_builds(compose_cfg, task, tmp_path):
     cfg = compose_cfg([f"task={task}"])
-    fits = models_for(cfg.task)  # the default model (small_cnn) is for image tasks only
-    assert fits, f"no model fits task={task}"
-    overrides = [f"task={task}", f"model={fits[0]}"]
+    overrides = [f"task={task}"]  # no model=: each task brings a model that fits it
     if "data_dir" in cfg.task:  # point downloadable tasks at an empty dir: building must not read data
         overrides.append(f"task.data_dir={tmp_path}")
     cfg = compose_cfg(overrides)
     validate(cfg)
+    assert cfg.model._target_ in {compose_cfg([f"model={m}"]).model._target_ for m in models_for(cfg.task)}
     built = instantiate(cfg.task)
     assert built.name == cfg.task.name == task
     if "num_classes" in cfg.task:  # classification tasks: the model's head is sized from these
         assert built.num_classes == cfg.task.num_classes and built.in_channels == cfg.task.in_channels
+
+
+@pytest.mark.parametrize("task, model", [("rosenbrock", "point"), ("synthetic_seqrec", "bert4rec"),
+                                         ("synthetic_e2e", "gpt2_tiny"), ("digits", "small_cnn")])
+def test_a_task_brings_its_model_and_model_on_the_command_line_wins(compose_cfg, task, model):
+    own = compose_cfg([f"task={task}"])
+    assert own.model._target_ == compose_cfg([f"task={task}", f"model={model}"]).model._target_
+    other = "small_cnn" if model != "small_cnn" else "point"
+    assert compose_cfg([f"task={task}", f"model={other}"]).model._target_ != own.model._target_
 
 
 @pytest.mark.parametrize("task", SMALL_TASKS)

@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from genrun import CONF_DIR
 from genrun.report.runs import Run, pyplot, save_figure, train_series
 
 #: The paper's trajectory snapshots (Figure 6: 40 and 180 iterations; Figure 7: 60 and 40).
@@ -42,7 +43,7 @@ ORDER = ["GeN-SGD", "GeN-Adam", "GeN-AdaGrad", "SGD", "Adam", "AdaGrad", "RMSpro
 COLORS = {"SGD": "tab:blue", "Adam": "tab:orange", "AdaGrad": "tab:green", "RMSprop": "tab:red",
           "AdaBelief": "tab:purple", "AdaHessian": "tab:brown", "AdamW": "tab:pink"}
 LOG_FLOOR = 1e-16  # a gap of exactly 0 is drawn here on the log axis
-CONF_OPTIM = Path(__file__).resolve().parents[2] / "conf" / "optim"
+CONF_OPTIM = Path(CONF_DIR) / "optim"
 
 
 def _is_synthetic(run: Run) -> bool:
