@@ -13,10 +13,14 @@ from genrun.report.sweep import split_of, varying
 
 
 def _fake_run(root: Path, num: int, overrides: list[str], status: str, final: dict, lr: float = 0.1,
-              wall: float = 2.0, commit: str = "0123456789ab") -> None:
+              wall: float = 2.0, commit: str = "0123456789ab", cfg: dict | None = None,
+              choices: dict | None = None) -> None:
     run = root / str(num)
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"task": {"name": "digits"}})))
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(
+        {"task": {"name": "digits"}, **(cfg or {})})))
+    if choices is not None:
+        (run / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": {"runtime": {"choices": choices}}}))
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (run / "summary.json").write_text(json.dumps({"status": status, "final": final, "lr": [lr, lr],
                                                   "wall_time_s": wall, "versions": {"genrun_commit": commit}}))
@@ -101,3 +105,48 @@ def test_killed_and_running_runs_are_listed_as_unfinished(tmp_path, capsys):
         (tmp_path / str(num) / "summary.json").unlink(missing_ok=True)
     assert main([str(tmp_path)]) == 2
     assert "genrun-report: error: no runs (dirs with summary.json)" in capsys.readouterr().err
+
+
+def _two_sweeps(tmp_path: Path) -> tuple[Path, Path]:
+    """A: optim=sgd,gen_sgd; B: gen_sgd with the next-batch probe, a key A never named."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    gen = {"optim": {"gen": {"probe": "same"}}}
+    for num, (optim, acc) in enumerate((("sgd", 0.90), ("gen_sgd", 0.95))):
+        _fake_run(a, num, [f"optim={optim}"], "finished", {"test": {"acc": acc}},
+                  cfg=gen if optim == "gen_sgd" else {"optim": {}}, choices={"optim": optim, "task": "digits"})
+    _fake_run(b, 0, ["optim.gen.probe=next"], "finished", {"test": {"acc": 0.97}},
+              cfg={"optim": {"gen": {"probe": "next"}}}, choices={"optim": "gen_sgd", "task": "digits"})
+    return a, b
+
+
+def test_several_sweep_dirs_make_one_table_labelled_by_what_differs(tmp_path, monkeypatch, capsys):
+    a, b = _two_sweeps(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(a), str(b)]) == 0
+    md = (tmp_path / "genrun-report" / "sweep.md").read_text()  # several dirs: into ./genrun-report
+    assert md.startswith(f"# 3 runs under {tmp_path}")
+    assert "| optim=sgd, optim.gen.probe=- | 1 | 0.9000 |" in md
+    assert "| optim=gen_sgd, optim.gen.probe=same | 1 | 0.9500 |" in md
+    assert "| optim=gen_sgd, optim.gen.probe=next | 1 | 0.9700 |" in md
+    assert not (a / "sweep.md").exists() and not (b / "sweep.md").exists()
+
+
+def test_links_to_runs_are_followed_and_each_run_counts_once(tmp_path):
+    a, b = _two_sweeps(tmp_path)
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "gen").symlink_to(a / "1")
+    (picked / "next").symlink_to(b / "0")
+    (picked / "again").symlink_to(b / "0")  # the same run by two names
+    (picked / "loop").symlink_to(picked)  # a link back up the tree must not hang the walk
+    assert [r.path.name for r in load_runs(picked)] == ["again", "gen"]
+    assert main([str(picked), str(b), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert md.startswith("# 2 runs under ")
+    assert "| optim.gen.probe=same |" in md and "| optim.gen.probe=next |" in md
+
+
+def test_a_report_of_one_run_is_titled_by_the_run(tmp_path):
+    _fake_run(tmp_path, 7, ["seed=0"], "finished", {"test": {"acc": 0.9}})
+    assert main([str(tmp_path / "7")]) == 0
+    assert (tmp_path / "7" / "sweep.md").read_text().startswith("# Run 7\n")

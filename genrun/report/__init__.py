@@ -1,4 +1,4 @@
-"""`genrun-report <sweep dir>`: tables and figures from a sweep's runs, written into the sweep dir.
+"""`genrun-report <sweep dir> [more dirs]`: tables and figures from a sweep's runs, written into the sweep dir.
 
 Each report module exposes `applies(runs) -> bool` and `render(runs, out_dir) -> list[Path]`;
 every module that applies to the sweep's runs renders; when none of the paper's tables applies,
@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
+from typing import Iterable
 
 from genrun import version_line
 from genrun.report import sweep
-from genrun.report.runs import load_runs
+from genrun.report.runs import Run, load_runs
+
+#: Where a report over several dirs goes unless --out says otherwise (in the current directory).
+COMBINED = "genrun-report"
 
 # Report modules, in the order they render. Each is genrun.report.<name>.
 REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "table7", "gen_suite"]
@@ -24,20 +29,25 @@ REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "tabl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genrun-report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
-    parser.add_argument("sweep_dir", type=Path, help="a genrun -m sweep dir (or a dir of run dirs)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep dir)")
+    parser.add_argument("sweep_dirs", type=Path, nargs="+", metavar="sweep_dir",
+                        help="a genrun -m sweep dir, or any dir of run dirs (symbolic links are followed); "
+                             "several make one table of all their runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write (default: the sweep dir; with several, ./{COMBINED})")
     parser.add_argument("--version", action="version", version=version_line("genrun-report"))
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"genrun-report: error: {args.sweep_dir} is not a directory; pass a sweep dir", file=sys.stderr)
-        return 2
+    for sweep_dir in args.sweep_dirs:
+        if not sweep_dir.is_dir():
+            print(f"genrun-report: error: {sweep_dir} is not a directory; pass a sweep dir", file=sys.stderr)
+            return 2
     notes: list[str] = []
-    runs = load_runs(args.sweep_dir, notes)
+    runs = _unique(run for sweep_dir in args.sweep_dirs for run in load_runs(sweep_dir, notes))
     if not runs:
         _print_notes(notes)
-        print(f"genrun-report: error: no runs (dirs with summary.json) under {args.sweep_dir}", file=sys.stderr)
+        where = " or ".join(str(d) for d in args.sweep_dirs)
+        print(f"genrun-report: error: no runs (dirs with summary.json) under {where}", file=sys.stderr)
         return 2
-    out = args.out or args.sweep_dir
+    out = args.out or (args.sweep_dirs[0] if len(args.sweep_dirs) == 1 else Path(COMBINED))
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in REPORTS:
@@ -54,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genrun-report: note: these runs come from {len(commits)} genrun commits ({', '.join(commits)}); "
               "summary.json's versions says which run used which", file=sys.stderr)
     return 0
+
+
+def _unique(runs: Iterable[Run]) -> list[Run]:
+    """Each run once, however many of the given dirs (or links) reach it."""
+    return list({os.path.realpath(run.path): run for run in runs}.values())
 
 
 def _print_notes(notes: list[str]) -> None:

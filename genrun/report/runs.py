@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ class Run:
             return default
         return default if value is None else value
 
+    @cached_property
+    def choices(self) -> dict[str, str]:
+        """The group options this run composed (Hydra's runtime choices), e.g. {"optim": "gen_sgd"}."""
+        try:
+            hydra = OmegaConf.load(self.path / ".hydra" / "hydra.yaml")
+            return {str(k): str(v) for k, v in (OmegaConf.select(hydra, "hydra.runtime.choices") or {}).items()}
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+
     def final(self, split: str = "test") -> dict[str, Any]:
         """summary.json's final metrics of `split` ({} if never evaluated)."""
         return (self.summary.get("final") or {}).get(split) or {}
@@ -77,8 +87,7 @@ def load_runs(sweep_dir: Path, notes: list[str] | None = None) -> list[Run]:
     running), and runs whose files cannot be read (a truncated summary.json, say)."""
     notes = [] if notes is None else notes
     runs = []
-    for config in sorted(Path(sweep_dir).rglob(".hydra/config.yaml"), key=_natural):
-        run_dir = config.parent.parent
+    for run_dir in sorted(_run_dirs(Path(sweep_dir)), key=_natural):
         if not (run_dir / "summary.json").exists():
             state = "still running" if in_use(run_dir) else "no summary.json: killed, or stopped by a crash"
             notes.append(f"unfinished run {run_dir} ({state}); not in the tables")
@@ -88,6 +97,22 @@ def load_runs(sweep_dir: Path, notes: list[str] | None = None) -> list[Run]:
         except (OSError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
             notes.append(f"skipped {run_dir}: {type(err).__name__} reading it ({str(err).splitlines()[0][:120]})")
     return runs
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Dirs below `root` holding .hydra/config.yaml, through symbolic links too (a folder of links
+    to the runs a user wants compared), each real dir once."""
+    found, seen = [], set()
+    for here, dirs, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree, or a second link to the same run
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if os.path.isfile(os.path.join(here, ".hydra", "config.yaml")):
+            found.append(Path(here))
+        dirs[:] = [d for d in dirs if d != ".hydra"]
+    return found
 
 
 def _load_run(run_dir: Path, notes: list[str]) -> Run:

@@ -29,11 +29,22 @@ def _settings(run: Run) -> dict[str, str]:
     return {k: v for k, v in pairs if not k.startswith(UNCOMPARED)}
 
 
+def setting(run: Run, key: str) -> str:
+    """What `key` was in `run`: its override, else the group option it composed or the config's
+    value (runs of different sweeps name different keys), else "-"."""
+    given = _settings(run)
+    if key in given:
+        return given[key]
+    if key in run.choices:
+        return run.choices[key]
+    value = run.select(key)
+    return "-" if value is None else str(value)
+
+
 def varying(runs: list[Run]) -> list[str]:
     """The override keys whose values differ between runs, in the order the runs name them."""
-    settings = [_settings(r) for r in runs]
-    keys = list(dict.fromkeys(k for s in settings for k in s))
-    return [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    keys = list(dict.fromkeys(k for r in runs for k in _settings(r)))
+    return [k for k in keys if len({setting(r, k) for r in runs}) > 1]
 
 
 def split_of(runs: list[Run]) -> str:
@@ -47,8 +58,7 @@ def split_of(runs: list[Run]) -> str:
 
 def collect(runs: list[Run], keys: list[str]) -> dict[str, list[Run]]:
     def label(run: Run) -> str:
-        s = _settings(run)
-        return ", ".join(f"{k}={s.get(k, '-')}" for k in keys) or "all runs"
+        return ", ".join(f"{k}={setting(run, k)}" for k in keys) or "all runs"
 
     return group_runs(runs, label, [])
 
@@ -60,7 +70,8 @@ def render_markdown(rows: dict[str, list[Run]], split: str) -> str:
     metrics = metrics[:MAX_METRICS]
     synthetic = any(str(r.select("task.name", "")).startswith("synthetic") for r in members)
     head = ["row", "seeds", *metrics, "final lr", "wall time (s)"]
-    lines = [f"# Sweep {sweep.name}: {len(members)} runs" + (" (SYNTHETIC data)" if synthetic else ""), "",
+    title = f"Run {sweep.name}" if len(members) == 1 else f"{len(members)} runs under {sweep}"
+    lines = [f"# {title}" + (" (SYNTHETIC data)" if synthetic else ""), "",
              f"Split `{split}`, end of training; mean over finished seeds ± half the range.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, runs in rows.items():
