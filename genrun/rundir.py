@@ -16,12 +16,14 @@ old length.
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genrun import atomic
 from genrun.errors import UserError
 
 #: What a run writes besides Hydra's `.hydra/` and log: a dir with any of these holds a run.
@@ -56,7 +58,7 @@ class Claim:
             if name in (".hydra", "multirun.yaml") or name.endswith(".log") or self.before.get(name) == stat:
                 continue
             child = self.path / name
-            if not child.is_dir() or any((child / run_file).exists() for run_file in RUN_FILES):
+            if not child.is_dir() or (any((child / f).exists() for f in RUN_FILES) and not failed_start(child)):
                 return True
         return False
 
@@ -154,6 +156,23 @@ def close_all(failed: bool) -> None:
         if failed and taken.fd is not None:
             taken.discard_unless_used()
         taken.release()
+
+
+def record_failed_start(run_dir: Path, message: str) -> None:
+    """A sweep's job that failed before training says so in its summary.json, so the sweep goes on
+    and its report lists the job as failed; a sweep none of whose jobs started leaves nothing."""
+    summary = {"status": "failed", "message": message, "step": 0, "started": False, "final": {}, "lr": []}
+    atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def failed_start(run_dir: Path) -> bool:
+    """Whether `run_dir` holds only the record of a job that failed before training."""
+    if any((run_dir / name).exists() for name in RUN_FILES if name != "summary.json"):
+        return False
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("started") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def holds_run(path: Path) -> bool:
