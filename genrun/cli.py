@@ -30,7 +30,8 @@ from genrun.overrides import COMPOSITION_ERRORS, explain, override_key
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _run(cfg: DictConfig) -> dict | None:
-    from genrun.parallel import launch, rank, shared_path  # imported late so `--help` stays quick
+    from genrun.launch import launch  # imported late so `--help` stays quick
+    from genrun.parallel import rank, shared_path
 
     _users_hydra_errors()
     hc = HydraConfig.get()

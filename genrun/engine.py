@@ -1,38 +1,34 @@
 """The one training loop every task runs through.
 
-Read it top to bottom: build the task, model, optimizer (GeN-wrapped or not) and schedule;
-optionally restore a checkpoint; then for each optimizer step run the forward/backward over
-`grad_accum` micro-batches, take the step, log, evaluate and checkpoint. The engine never
-looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`. With
-`trainer.devices > 1` this same loop runs in each data-parallel process (`genrun.parallel`).
+Read it top to bottom: build the task, model, and the `Stepper` (optimizer, GeN-wrapped or not,
+schedule, precision); optionally restore a checkpoint; then for each optimizer step run the
+forward/backward over `grad_accum` micro-batches, take the step, log, evaluate and checkpoint.
+The engine never looks at a task's name: tasks are plug-ins behind `genrun.tasks.Task`. With
+`trainer.devices > 1` this same loop runs in each data-parallel process (`genrun.launch` starts
+them, `genrun.parallel` has what each one calls).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import time
-from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from dog import PolynomialDecayAverager
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from genrun import atomic, checkpoint, parallel, stop, versions
-from genrun.errors import AlreadyFinished, UserError
-from genrun.gen import GeN
-from genrun.optim import build_optimizer
+from genrun.errors import AlreadyFinished
 from genrun.runtime import (
     EpochBatches,
-    autocast,
     loader_workers,
     params_finite,
     peak_memory_mb,
@@ -40,9 +36,8 @@ from genrun.runtime import (
     seed_everything,
     to_device,
 )
-from genrun.sinks import JsonlSink, build_sink
-
-log = logging.getLogger("genrun")
+from genrun.sinks import JsonlSink, Sink, build_sink
+from genrun.step import Stepper
 
 
 def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
@@ -82,259 +77,222 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     # of workers gives the same run
     loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.cpu_threads(), task.heavy_items),
                "pin_memory": device.type == "cuda"}
-    eval_loaders = {  # private generators: evaluating must not move the training's random stream
-        split: DataLoader(parallel.shard(data), batch_size=tc.eval_batch_size or tc.batch_size,
-                          collate_fn=getattr(data, "collate", None), generator=torch.Generator().manual_seed(0),
-                          **loading)
-        for split, data in eval_sets.items()
-    }
+    data = TrainData(train_set, cfg, loading, device, rank, world)
+    eval_loaders = _eval_loaders(eval_sets, tc.eval_batch_size or tc.batch_size, loading)
 
     # -- optimizer, GeN, schedule, precision ---------------------------------------------
-    optimizer, spec = build_optimizer(cfg.optim, model)
-    if spec.create_graph and world > 1:
-        raise UserError(f"trainer.devices={world}: optim={cfg.optim.name} needs second derivatives, which DDP "
-                        "does not all-reduce; train it with trainer.devices=1")
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    gen = None
-    if cfg.optim.get("gen"):
-        gen_kwargs = OmegaConf.to_container(cfg.optim.gen, resolve=True)
-        gen = GeN(optimizer, **gen_kwargs, total_steps=total_steps, model=train_model,
-                  scaler=scaler if scaler.is_enabled() else None)
-    # GeN owns the lr, so a schedule would overwrite it; its T-dependent variant is optim.gen.horizon.
-    schedule = None
-    if gen is None:
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule_factor(cfg.sched, total_steps))
-    elif not cfg.sched._target_.endswith(".constant"):
-        log.warning("sched=%s is ignored: GeN sets the lr (use optim.gen.horizon=linear|cosine)", cfg.sched._target_.rsplit(".", 1)[-1])
-    amp = partial(autocast, device, tc.precision)
-    # evaluate x̄_t, polynomial-decay averaged weights, rather than the last iterate (DoG's authors ask for it)
-    averager = PolynomialDecayAverager(model, gamma=float(tc.average)) if tc.get("average") is not None else None
-    eval_model = averager.averaged_model if averager is not None else model
+    stepper = Stepper.build(cfg, task, model, train_model, device, total_steps, world)
 
     # -- resume ----------------------------------------------------------------------------
-    step, epoch, batch_in_epoch = 0, 0, 0
-    last_ckpt = resume["step"] if resume is not None else None  # the step ckpt.pt holds, for messages
+    at = Position()
+    ckpts = Checkpoints(run_dir / checkpoint.FILENAME, main, world, last=resume["step"] if resume is not None else None)
     if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            if schedule is not None:
-                schedule.load_state_dict(resume["schedule"])
-            scaler.load_state_dict(resume["scaler"])
-            if gen is not None:
-                gen.load_state_dict(resume["gen"])
-            if averager is not None:
-                averager.load_state_dict(resume["averager"])
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            raise UserError(f"trainer.resume: {tc.resume} does not fit this run's model/optimizer ({first}); "
-                            "resume with the overrides the run was started with") from None
-        step, epoch, batch_in_epoch = resume["step"], resume["epoch"], resume["batch_in_epoch"]
+        stepper.load_state_dict(resume, tc.resume)
+        at = Position(resume["step"], resume["epoch"], resume["batch_in_epoch"])
         checkpoint.set_rng_state(checkpoint.rng_of(resume, rank, world))
         if main:
-            _drop_records_after(run_dir, step)
-
-    sinks = [JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group, name=name,
-                                             resume=resume is not None)] if main else []
-    gen_logged = gen.probes if gen is not None else 0
-
-    def emit(record: dict[str, Any]) -> None:
-        for sink in sinks:
-            sink.log(record)
-
-    def lrs() -> list[float]:
-        return [spec.lr_of(group) for group in optimizer.param_groups]
-
-    def evaluate() -> dict[str, dict[str, float]]:
-        eval_model.eval()
-        if spec.has_modes:
-            optimizer.eval()
-        results = {}
-        for split, loader in eval_loaders.items():
-            with amp():  # each process predicts its share of the split; all score every share's part
-                part = task.predict(eval_model, loader, partial(to_device, device=device))
-            results[split] = task.score(parallel.parts(part, loader.dataset))
-            emit({"kind": "eval", "step": step, "epoch": epoch, "split": split, **results[split], "lr": lrs()})
-        return results
-
-    def save_checkpoint() -> None:
-        nonlocal last_ckpt
-        if not params_finite(model):  # only ever keep a good checkpoint
-            return
-        rngs = parallel.gather(checkpoint.rng_state())  # every process's, to resume each one's stream
-        if not main:
-            return
-        checkpoint.save(run_dir / checkpoint.FILENAME, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "scaler": scaler.state_dict(),
-            "gen": gen.state_dict() if gen is not None else None,
-            "averager": averager.state_dict() if averager is not None else None,
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
-        })
-        last_ckpt = step
+            _drop_records_after(run_dir, at.step)
+    records = Records([JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group,
+                                                      name=name, resume=resume is not None)] if main else [], stepper)
+    evaluate = partial(_evaluate, task, stepper, eval_loaders, device, records, at)
 
     # -- the loop --------------------------------------------------------------------------
     status, message, results = "finished", None, {}
-    bar = tqdm(total=total_steps, initial=step, disable=_progress_disabled(tc.progress) or not main,
+    bar = tqdm(total=total_steps, initial=at.step, disable=_progress_disabled(tc.progress) or not main,
                desc="train", unit="step")
     stop.defer(world == 1)  # one process: SIGTERM ends the current step first (several must stop in lockstep)
     try:
-        while step < total_steps:
-            sampler = EpochBatches(len(train_set), tc.batch_size, cfg.seed, epoch, start=batch_in_epoch * tc.grad_accum,
-                                   rank=rank, world=world)
-            if hasattr(train_set, "set_epoch"):  # PyTorch's convention for data that differs per epoch
-                train_set.set_epoch(epoch)
-            # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
-            # would shift every later draw (dropout, Cloze masks) between a resumed and an unbroken run
-            loader_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            batches = iter(DataLoader(train_set, batch_sampler=sampler, **loading,
-                                      collate_fn=getattr(train_set, "collate", None), generator=loader_rng))
-
-            def take() -> list:
-                return [to_device(b, device) for _, b in zip(range(tc.grad_accum), batches)]
-
-            micro = take()
-            while step < total_steps and micro:
-                model.train()
-                if spec.has_modes:
-                    optimizer.train()
-                if gen is not None and gen.will_probe:
-                    gen.remember_rng()
-                loss = 0.0
-                for i, batch in enumerate(micro):
-                    with parallel.no_sync(train_model, last=i == len(micro) - 1):
-                        with amp():
-                            micro_loss = task.loss(train_model, batch) / len(micro)
-                        scaler.scale(micro_loss).backward(create_graph=spec.create_graph)
-                    loss += micro_loss.detach()
-                loss_value = float(parallel.mean(loss))  # every process decides on the same number
-                if not math.isfinite(loss_value):
-                    status = "diverged"
-                    message = f"loss is {loss_value} at step {step + 1}; {_kept(last_ckpt)}"
-                    break
-
-                if gen is not None:
-                    gen.step(partial(_mean_loss, task, train_model, micro, amp), loss=loss)
-                else:
-                    scaler.step(optimizer)
-                scaler.update()
-                if schedule is not None:
-                    schedule.step()
-                if averager is not None:
-                    averager.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
-
-                if step % tc.log_every == 0 or step == total_steps:
-                    emit({"kind": "train", "step": step, "epoch": epoch, "split": "train", "loss": loss_value,
-                          "lr": lrs(), **task.step_metrics(model)})
-                if gen is not None:
-                    # at most one new record per step, and history keeps the latest ones
-                    for record in gen.new_records(gen_logged):
-                        emit({"kind": "gen", **record})
-                    gen_logged = gen.probes
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs()[0]:.3g}")
-                ends_epoch = batch_in_epoch >= steps_per_epoch or step == total_steps  # evaluated below
-                if tc.eval_every and step % tc.eval_every == 0 and not ends_epoch:
-                    results = evaluate()
-                if tc.ckpt_every and step % tc.ckpt_every == 0 and not ends_epoch:
-                    save_checkpoint()
-                if stop.pending() and step < total_steps:  # a stop signal: end here, with this step checkpointed
-                    save_checkpoint()
-                    stop.now()
-                micro = take()
-            if status != "finished":
-                break
-            if batch_in_epoch >= steps_per_epoch or step == total_steps:
+        for micro in data.steps(at, total_steps, steps_per_epoch):
+            if not micro:  # an epoch's end (or the run's): evaluate, and checkpoint where the next epoch starts
                 results = evaluate()
-                if step < total_steps:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                save_checkpoint()
+                at.next_epoch(total_steps)
+                ckpts.save(stepper, at)
+                continue
+            loss = stepper.backward(micro)
+            if not math.isfinite(loss):
+                status, message = "diverged", f"loss is {loss} at step {at.step + 1}; {ckpts.kept()}"
+                break
+            stepper.step(micro)
+            at.step, at.batch_in_epoch = at.step + 1, at.batch_in_epoch + 1
+
+            if at.step % tc.log_every == 0 or at.step == total_steps:
+                records.train(at, loss, task.step_metrics(model))
+            records.gen(stepper.gen_records())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stepper.lrs()[0]:.3g}")
+            ends_epoch = at.ends_epoch(steps_per_epoch, total_steps)  # evaluated and checkpointed at the end
+            if tc.eval_every and at.step % tc.eval_every == 0 and not ends_epoch:
+                results = evaluate()
+            if tc.ckpt_every and at.step % tc.ckpt_every == 0 and not ends_epoch:
+                ckpts.save(stepper, at)
+            if stop.pending() and at.step < total_steps:  # a stop signal: end here, with this step checkpointed
+                ckpts.save(stepper, at)
+                stop.now()
     except BaseException as err:  # Ctrl-C, a crash: the run did not finish, whatever it had evaluated
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        message = f"{_cause(err)} after {step} steps; {_kept(last_ckpt)}"
+        message = f"{_cause(err)} after {at.step} steps; {ckpts.kept()}"
         raise
     finally:
         stop.defer(False)
         bar.close()
         summary = {
-            "status": status,
-            "message": message,
-            "step": step,
-            "epoch": epoch,
-            "total_steps": total_steps,
+            "status": status, "message": message, "step": at.step, "epoch": at.epoch, "total_steps": total_steps,
             "final": results,
-            "warning": "; ".join(filter(None, (task.diagnose(results), _gen_idle(gen)))) or None
+            "warning": "; ".join(filter(None, (task.diagnose(results), stepper.gen_idle()))) or None
             if status == "finished" else None,
-            "lr": lrs(),
-            "gen": _gen_summary(gen),
+            "lr": stepper.lrs(), "gen": stepper.gen_summary(),
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
-            "device": str(device),
-            "devices": world,
-            "run_dir": str(run_dir),
-            "versions": software,
+            "device": str(device), "devices": world, "run_dir": str(run_dir), "versions": software,
         }
-        try:
-            if main:  # whole or not at all: a full disk keeps the previous summary.json
-                atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        finally:
-            for sink in sinks:
-                sink.close(status)
+        _write_summary(summary, run_dir if main else None, records)
     return summary
 
 
-def _kept(last_ckpt: int | None) -> str:
-    """What a stopped run leaves to resume from, as it is."""
-    if last_ckpt is None:
-        return "no checkpoint was written yet (the first comes at an epoch's end or trainer.ckpt_every)"
-    return f"the last good checkpoint (step {last_ckpt}) is kept"
+@dataclass
+class Position:
+    """Where the run is: optimizer steps taken, the epoch, and the steps taken in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def ends_epoch(self, steps_per_epoch: int, total_steps: int) -> bool:
+        return self.batch_in_epoch >= steps_per_epoch or self.step == total_steps
+
+    def next_epoch(self, total_steps: int) -> None:
+        """On to the next epoch's start, unless the run has ended (its position then stays at its last step)."""
+        if self.step < total_steps:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+class TrainData:
+    """The training split, step after step: each step's `grad_accum` micro-batches, on the device."""
+
+    def __init__(self, dataset: Dataset, cfg: DictConfig, loading: dict[str, Any], device: torch.device,
+                 rank: int, world: int) -> None:
+        self.dataset, self.seed, self.loading, self.device = dataset, cfg.seed, loading, device
+        self.batch_size, self.grad_accum, self.rank, self.world = (cfg.trainer.batch_size, cfg.trainer.grad_accum,
+                                                                   rank, world)
+
+    def steps(self, at: Position, total_steps: int, steps_per_epoch: int) -> Iterator[list[Any]]:
+        """Each step's micro-batches from `at` on, epoch after epoch, as the caller advances `at`; an
+        empty list where an epoch ends, after its data ran out (or the run ended): a run stopped at an
+        epoch's last step resumes with that empty list, so the epoch's end is not lost."""
+        while at.step < total_steps:
+            batches = self.epoch(at.epoch, at.batch_in_epoch)
+            micro = self.take(batches)
+            while at.step < total_steps and micro:
+                yield micro
+                micro = self.take(batches)
+            if at.ends_epoch(steps_per_epoch, total_steps):
+                yield []
+
+    def epoch(self, epoch: int, batch_in_epoch: int) -> Iterator[Any]:
+        """The batches of `epoch` from its step `batch_in_epoch` on."""
+        sampler = EpochBatches(len(self.dataset), self.batch_size, self.seed, epoch,
+                               start=batch_in_epoch * self.grad_accum, rank=self.rank, world=self.world)
+        if hasattr(self.dataset, "set_epoch"):  # PyTorch's convention for data that differs per epoch
+            self.dataset.set_epoch(epoch)
+        # a generator of its own: starting an iterator draws a worker seed, which from the global RNG
+        # would shift every later draw (dropout, Cloze masks) between a resumed and an unbroken run
+        loader_rng = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return iter(DataLoader(self.dataset, batch_sampler=sampler, **self.loading,
+                               collate_fn=getattr(self.dataset, "collate", None), generator=loader_rng))
+
+    def take(self, batches: Iterator[Any]) -> list[Any]:
+        return [to_device(b, self.device) for _, b in zip(range(self.grad_accum), batches)]
+
+
+def _eval_loaders(eval_sets: dict[str, Dataset], batch_size: int, loading: dict[str, Any]) -> dict[str, DataLoader]:
+    """Each process's share of every evaluation split."""
+    return {  # private generators: evaluating must not move the training's random stream
+        split: DataLoader(parallel.shard(data), batch_size=batch_size, collate_fn=getattr(data, "collate", None),
+                          generator=torch.Generator().manual_seed(0), **loading)
+        for split, data in eval_sets.items()
+    }
+
+
+def _evaluate(task: Any, stepper: Stepper, loaders: dict[str, DataLoader], device: torch.device,
+              records: Records, at: Position) -> dict[str, dict[str, float]]:
+    """Every split's metrics, each logged as it is scored."""
+    model = stepper.evaluating()
+    results = {}
+    for split, loader in loaders.items():
+        with stepper.amp():  # each process predicts its share of the split; all score every share's part
+            part = task.predict(model, loader, partial(to_device, device=device))
+        results[split] = task.score(parallel.parts(part, loader.dataset))
+        records.eval(at, split, results[split])
+    return results
+
+
+class Records:
+    """The run's train, eval and GeN records, to every sink (process 0's; the others have none)."""
+
+    def __init__(self, sinks: list[Sink], stepper: Stepper) -> None:
+        self.sinks, self.stepper = sinks, stepper
+
+    def train(self, at: Position, loss: float, extra: dict[str, float]) -> None:
+        self._emit({"kind": "train", "step": at.step, "epoch": at.epoch, "split": "train", "loss": loss,
+                    "lr": self.stepper.lrs(), **extra})
+
+    def eval(self, at: Position, split: str, scores: dict[str, float]) -> None:
+        self._emit({"kind": "eval", "step": at.step, "epoch": at.epoch, "split": split, **scores,
+                    "lr": self.stepper.lrs()})
+
+    def gen(self, probes: list[dict[str, Any]]) -> None:
+        for record in probes:
+            self._emit({"kind": "gen", **record})
+
+    def close(self, status: str) -> None:
+        for sink in self.sinks:
+            sink.close(status)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+
+class Checkpoints:
+    """The run's ckpt.pt: rewritten at each save, and only ever with finite weights."""
+
+    def __init__(self, path: Path, main: bool, world: int, last: int | None) -> None:
+        self.path, self.main, self.world = path, main, world
+        self.last = last  # the step ckpt.pt holds, for messages
+
+    def save(self, stepper: Stepper, at: Position) -> None:
+        if not params_finite(stepper.model):  # only ever keep a good checkpoint
+            return
+        rngs = parallel.gather(checkpoint.rng_state())  # every process's, to resume each one's stream
+        if not self.main:
+            return
+        checkpoint.save(self.path, {
+            **stepper.state_dict(),
+            "step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
+            "rng": rngs[0], "rng_ranks": rngs if self.world > 1 else None,
+        })
+        self.last = at.step
+
+    def kept(self) -> str:
+        """What a stopped run leaves to resume from, as it is."""
+        if self.last is None:
+            return "no checkpoint was written yet (the first comes at an epoch's end or trainer.ckpt_every)"
+        return f"the last good checkpoint (step {self.last}) is kept"
+
+
+def _write_summary(summary: dict[str, Any], run_dir: Path | None, records: Records) -> None:
+    """summary.json into `run_dir` (process 0's; None elsewhere), then the sinks closed whatever happens."""
+    try:
+        if run_dir is not None:  # whole or not at all: a full disk keeps the previous summary.json
+            atomic.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    finally:
+        records.close(summary["status"])
 
 
 def _cause(err: BaseException) -> str:
     if isinstance(err, stop.Stopped):
         return f"stopped by {err.args[0]}"
     return "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else type(err).__name__
-
-
-def _schedule_factor(sched: DictConfig, total_steps: int):
-    """t -> lr multiplier from the `sched` config, as a plain partial: LambdaLR calls it every
-    step, and Hydra's instantiated wrapper re-checks its target on each call (~0.3 ms)."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(sched, resolve=True).items() if not k.startswith("_")}
-    return partial(get_method(sched._target_), total=total_steps, **kwargs)
-
-
-def _mean_loss(task, model, micro, amp) -> torch.Tensor:
-    """GeN's closure: the loss over every micro-batch of this step, as the training forward saw it."""
-    total = 0.0
-    for batch in micro:
-        with amp():
-            total = total + task.loss(model, batch).float()
-    return total / len(micro)
-
-
-#: GeN accepting fewer than this share of at least GEN_IDLE_PROBES probes gets a warning.
-GEN_IDLE_SHARE, GEN_IDLE_PROBES = 0.1, 20
-
-
-def _gen_idle(gen: GeN | None) -> str | None:
-    """A warning when GeN rejected nearly every probe: its lr then moved only by the guard's rules
-    (or not at all), which nothing else in a finished run's output would show."""
-    if gen is None or gen.probes < GEN_IDLE_PROBES or gen.accepted >= GEN_IDLE_SHARE * gen.probes:
-        return None
-    reasons = Counter(r["reason"] for r in gen.history if not r["accepted"])
-    why = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(3))
-    return (f"GeN accepted {gen.accepted} of {gen.probes} probes (latest rejections: {why}): it barely set the lr; "
-            "gen.jsonl has each probe's losses and fit")
-
-
-def _gen_summary(gen: GeN | None) -> dict[str, Any] | None:
-    if gen is None:
-        return None
-    return {"probes": gen.probes, "accepted": gen.accepted}
 
 
 def _drop_records_after(run_dir: Path, step: int) -> None:

@@ -1,13 +1,13 @@
-"""Data-parallel training: `trainer.devices=N` processes on this machine, or torchrun's.
+"""Per-process helpers of data-parallel training: ranks, shares of the data, gathers.
 
-`trainer.devices=N`: the Hydra job spawns N processes and waits for them. Under torchrun
-(`torchrun --nproc_per_node=N -m genrun.cli ...`, one or several machines), every process
-runs the `genrun` command itself: all join torchrun's process group before Hydra starts, and
-ranks > 0 leave the run dir to rank 0 (DESIGN: Hydra would make one per rank). Either way
-each process builds the same task and model, wraps the model in DistributedDataParallel
-(NCCL for GPU tensors, gloo for CPU ones) and trains on its share of every batch; process 0
-writes the run's files. GeN averages its probe losses over the processes, so every replica
-takes the same lr (genrun.gen.distributed).
+`trainer.devices=N` processes on this machine (`genrun.launch` spawns them), or torchrun's
+(`torchrun --nproc_per_node=N -m genrun.cli ...`, one or several machines: every process runs
+the `genrun` command itself, all join torchrun's process group before Hydra starts, and ranks > 0
+leave the run dir to rank 0, as Hydra would make one per rank). Either way each process builds
+the same task and model, wraps the model in DistributedDataParallel (NCCL for GPU tensors, gloo
+for CPU ones) and trains on its share of every batch; process 0 writes the run's files. GeN
+averages its probe losses over the processes, so every replica takes the same lr
+(genrun.gen.distributed).
 
 Outside a process group every helper here is the single-process identity, so the engine
 reads the same with one process or many.
@@ -16,128 +16,17 @@ reads the same with one process or many.
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import logging.config
 import os
-import socket
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
-
-from genrun.errors import UserError, as_user_error
-from genrun.tasks.base import Share
+from torch.utils.data import Dataset
 
 
-def launch(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str | None = None) -> dict[str, Any]:
-    """Train with `cfg.trainer.devices` processes; return process 0's summary."""
-    from genrun.engine import train
-
-    devices = cfg.trainer.devices
-    if dist.is_initialized() and devices > 1:
-        raise UserError(f"trainer.devices={devices} under torchrun: torchrun starts the processes "
-                        "(--nproc_per_node); leave trainer.devices=1")
-    if devices == 1:
-        return train(cfg, run_dir, group=group, name=name)
-    check_devices(cfg.trainer.device, devices)
-    # resolved here: the processes have no Hydra context for ${hydra:...} or ${now:...}
-    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
-        # inside a joblib/loky sweep job the default is "loky", which the spawned children cannot
-        # resolve when they unpickle their start-up data
-        mp.set_start_method("spawn", force=True)
-    errors = mp.get_context("spawn").SimpleQueue()
-    logs = _job_logging()
-    # torch logs a warning as it stops the other processes after one failed: the error says it all
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    context = mp.start_processes(_worker, args=(devices, _free_port(), plain, run_dir, group, name, errors, logs),
-                                 nprocs=devices, start_method="spawn", join=False)
-    try:
-        while not context.join():
-            pass
-    except KeyboardInterrupt as err:
-        _stop_processes(context.processes, err)
-        raise
-    except (mp.ProcessRaisedException, mp.ProcessExitedException):
-        if not errors.empty():  # a process met bad input; the others were stopped
-            raise errors.get() from None  # the UserError itself: AlreadyFinished stays what it is
-        raise
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def _stop_processes(processes: list[Any], err: KeyboardInterrupt) -> None:
-    """Pass a stop signal this process got on to the training processes (Ctrl-C reached them with it:
-    a terminal signals the whole group), then wait while process 0 records the run as interrupted."""
-    from genrun import stop
-
-    if isinstance(err, stop.Stopped):
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, err.signum)
-    for process in processes:
-        process.join(timeout=120)
-
-
-def check_devices(device: str, devices: int) -> None:
-    """One process per GPU: there must be `devices` GPUs when training on them."""
-    from genrun.runtime import pick_device
-
-    if pick_device(device).type == "cuda" and devices > torch.cuda.device_count():
-        raise UserError(f"trainer.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; "
-                        f"set trainer.devices <= {torch.cuda.device_count()}")
-
-
-def _worker(rank: int, world: int, port: int, cfg: DictConfig, run_dir: Path,
-            group: str | None, name: str | None, errors: Any, logs: dict[str, Any] | None) -> None:
-    from genrun import stop
-    from genrun.engine import train
-    from genrun.runtime import pick_device
-
-    stop.install()  # SIGTERM as Ctrl-C: process 0 records the run as interrupted
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # as torchrun sets them
-    if rank == 0 and logs:  # process 0 logs as the Hydra job would have: console and genrun.log
-        logging.config.dictConfig(logs)
-    elif rank > 0:  # the others would repeat process 0's warnings
-        logging.getLogger().setLevel(logging.ERROR)
-    if pick_device(cfg.trainer.device).type == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(_backend(), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        train(cfg, run_dir, group=group, name=name)
-    except Exception as err:  # noqa: BLE001 - only bad input is turned into a message; the rest re-raises
-        user = explain(err)
-        if user is None:
-            raise
-        errors.put(user)
-        sys.exit(2)  # a non-zero exit makes the launcher stop the other processes
-    finally:
-        dist.destroy_process_group()
-
-
-def explain(err: BaseException) -> UserError | None:
-    """The one-line error for what a process met: bad input, or DDP finding unused parameters."""
-    if isinstance(err, RuntimeError) and "find_unused_parameters=True" in str(err):
-        return UserError("the model has trainable parameters that get no gradient in a step, which DDP "
-                         "must be told of: set trainer.ddp_find_unused=true")
-    return as_user_error(err)
-
-
-def _job_logging() -> dict[str, Any] | None:
-    """The Hydra job's logging config, resolved (its file handler names the run dir's log)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)  # type: ignore[return-value]
-
-
-def _backend() -> str:
+def backend() -> str:
     # NCCL for GPU tensors, gloo for CPU ones (losses, RNG states, the run dir's name)
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
@@ -146,7 +35,7 @@ def join_torchrun() -> None:
     """Join torchrun's process group (its MASTER_ADDR/PORT, RANK, WORLD_SIZE variables)."""
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(_backend())
+    dist.init_process_group(backend())
 
 
 def shared_path(path: Path) -> Path:
@@ -159,12 +48,6 @@ def shared_path(path: Path) -> Path:
     data = data if rank() == 0 else torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(data, 0)
     return Path(bytes(data.tolist()).decode())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- what the engine calls; identities without a process group ---------------------------
@@ -247,3 +130,32 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+class Share(Dataset):
+    """Every `count`-th item of `whole` from `index` on: one process's share of an evaluation split.
+
+    A task whose evaluation is not one result per item reads `whole`, `index` and `count` to
+    split that work the same way (text generation decodes each distinct prompt once).
+    """
+
+    def __init__(self, whole: Dataset, index: int, count: int) -> None:
+        self.whole, self.index, self.count = whole, index, count
+
+    def __len__(self) -> int:
+        return len(range(self.index, len(self.whole), self.count))  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.whole[self.index + i * self.count]
+
+
+def in_split_order(parts: list[list[Any]]) -> list[Any]:
+    """Per-item results of every share (in share order) back in the split's order: share i
+    holds items i, i + n, i + 2n, ..., so the split is their round robin."""
+    longest = max((len(p) for p in parts), default=0)
+    return [part[j] for j in range(longest) for part in parts if j < len(part)]
+
+
+def share_of(data: Dataset) -> tuple[Dataset, int, int]:
+    """(whole split, index, count) of `data`, a `Share` or a whole split (0, 1)."""
+    return (data.whole, data.index, data.count) if isinstance(data, Share) else (data, 0, 1)

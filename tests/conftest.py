@@ -92,7 +92,7 @@ def scored_in_shares(task, model, data, count: int = 3, batch_size: int = 4, to_
     of the whole split in one process): data-parallel evaluation must give the second."""
     from torch.utils.data import DataLoader
 
-    from genrun.tasks.base import Share
+    from genrun.parallel import Share
 
     def loader(d):
         return DataLoader(d, batch_size=batch_size, collate_fn=getattr(data, "collate", None))

@@ -256,6 +256,25 @@ def test_new_records_returns_those_made_since_a_count(probe):
     assert gen.new_records(gen.probes) == [] and gen.new_records(0) == gen.history  # all that is kept
 
 
+@pytest.mark.parametrize("probe", ["next", "same"])
+def test_fresh_records_hands_each_record_out_once_and_a_restored_history_not_again(probe):
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)  # w**4: no step lands on the minimum
+    gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, probe=probe, history_size=2)
+    seen = []
+    for _ in range(6):
+        one_step(gen, w, lambda: (w**4).sum())
+        seen += [r["step"] for r in gen.fresh_records()]
+    assert seen == (list(range(5)) if probe == "next" else list(range(6))) and gen.fresh_records() == []
+    state = gen.state_dict()
+    restored = GeN(torch.optim.SGD([w], lr=0.1), every=1, probe=probe, history_size=2)
+    restored.load_state_dict(state)
+    assert restored.fresh_records() == [] and restored.history == gen.history
+    for _ in range(3):
+        one_step(restored, w, lambda: (w**4).sum())
+    later = [r["step"] for r in restored.fresh_records()]
+    assert later and min(later) > seen[-1] and restored.fresh_records() == []
+
+
 def _opt():
     return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 

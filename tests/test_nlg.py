@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 
 from genrun.errors import DataMissing, UserError
-from genrun.tasks.base import Share
+from genrun.parallel import Share
 from genrun.tasks.nlg import E2E, IGNORE, SEPARATOR, Pairs, SyntheticE2E, read_e2e
 from genrun.tasks.nlg_metrics import check_metrics, score
 from genrun.text_models import CausalLM

@@ -256,7 +256,7 @@ def test_sigterm_to_the_launcher_stops_its_processes_and_records_the_run_as_inte
 
 
 def test_ddps_unused_parameter_error_names_the_key(tmp_path):
-    from genrun.parallel import explain
+    from genrun.launch import explain
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -101,6 +101,7 @@ class GeN:
         self.history_size = history_size
         self.probes = 0    # probe records ever made (history may keep only the last ones)
         self.accepted = 0  # of which accepted
+        self._handed_out = 0  # probes counted when fresh_records last handed records out
         self._step = 0
         self._replay: tuple[int, dict[str, Any]] | None = None
         self._estimator: NextBatch | SameBatch = NextBatch() if probe == "next" else SameBatch()
@@ -163,6 +164,13 @@ class GeN:
         fresh = self.probes - since
         return self.history[len(self.history) - fresh:] if fresh > 0 else []
 
+    def fresh_records(self) -> list[dict[str, Any]]:
+        """The records made since the last call, or since construction or :meth:`load_state_dict`
+        (a restored history counts as handed out), as far as kept: each record once, for a log."""
+        fresh = self.new_records(self._handed_out)
+        self._handed_out = self.probes
+        return fresh
+
     def state_dict(self) -> dict[str, Any]:
         """GeN's own state (the lr itself lives in the optimizer's state_dict)."""
         return {"step": self._step, "history": copy.deepcopy(self.history), "probes": self.probes,
@@ -178,6 +186,7 @@ class GeN:
         self.history = copy.deepcopy(list(state["history"]))
         self.probes = int(state.get("probes", len(self.history)))
         self.accepted = int(state.get("accepted", sum(bool(r.get("accepted")) for r in self.history)))
+        self._handed_out = self.probes
         self._replay = None
         self._estimator.load_state_dict(self, state.get("estimator", state))
 

@@ -32,8 +32,8 @@ class Task:
     data set with a `collate(items)` method batches its own items (e.g. padding text).
     `loss(model, batch)` is the scalar training objective of one (micro-)batch.
     `predict(model, loader, to_device)` reduces a split, or one process's share of it (a
-    `Share`), to what `score` needs (picklable, on the CPU); `score(parts)` turns the parts of
-    every share, in order, into the split's metrics. Data-parallel processes each predict a
+    `genrun.parallel.Share`), to what `score` needs (picklable, on the CPU); `score(parts)` turns
+    the parts of every share, in order, into the split's metrics. Data-parallel processes each predict a
     share and score the gathered parts; one process scores `[predict(whole split)]`
     (`evaluate`). The default `predict` sums `metric_sums` over batches and `score` divides by
     the count, which suits averages such as accuracy; F1, BLEU or mAP keep predictions instead.
@@ -83,35 +83,6 @@ class Task:
     def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
         """The split's metrics, in one process."""
         return self.score([self.predict(model, loader, to_device)])
-
-
-class Share(Dataset):
-    """Every `count`-th item of `whole` from `index` on: one process's share of an evaluation split.
-
-    A task whose evaluation is not one result per item reads `whole`, `index` and `count` to
-    split that work the same way (text generation decodes each distinct prompt once).
-    """
-
-    def __init__(self, whole: Dataset, index: int, count: int) -> None:
-        self.whole, self.index, self.count = whole, index, count
-
-    def __len__(self) -> int:
-        return len(range(self.index, len(self.whole), self.count))  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> Any:
-        return self.whole[self.index + i * self.count]
-
-
-def in_split_order(parts: list[list[Any]]) -> list[Any]:
-    """Per-item results of every share (in share order) back in the split's order: share i
-    holds items i, i + n, i + 2n, ..., so the split is their round robin."""
-    longest = max((len(p) for p in parts), default=0)
-    return [part[j] for j in range(longest) for part in parts if j < len(part)]
-
-
-def share_of(data: Dataset) -> tuple[Dataset, int, int]:
-    """(whole split, index, count) of `data`, a `Share` or a whole split (0, 1)."""
-    return (data.whole, data.index, data.count) if isinstance(data, Share) else (data, 0, 1)
 
 
 class ClassificationTask(Task):

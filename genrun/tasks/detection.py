@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataCorrupt, DataMissing, UserError
-from genrun.tasks.base import Task, in_split_order
+from genrun.parallel import in_split_order
+from genrun.tasks.base import Task
 
 PENN_FUDAN_URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 # torchmetrics' key -> ours, for each IoU type

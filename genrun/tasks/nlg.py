@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from genrun.errors import DataCorrupt, DataMissing, UserError
-from genrun.tasks.base import Task, pad, share_of
+from genrun.parallel import share_of
+from genrun.tasks.base import Task, pad
 from genrun.tasks.nlg_metrics import METRICS, check_metrics, score as score_texts
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/archive/v1.0.0.zip"
