@@ -11,8 +11,10 @@ disk or an unwritable file is one line naming it, exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -51,6 +53,8 @@ def _run(cfg: DictConfig) -> dict | None:
             name=hc.job.override_dirname or "defaults",
         )
     except BaseException as err:
+        if sweep and isinstance(err, Exception) and rank() == 0:
+            raise _sweep_job_failed(err, run_dir) from None
         code = _job_failed(err, run_dir, claim)
         if code is None:
             raise
@@ -58,6 +62,8 @@ def _run(cfg: DictConfig) -> dict | None:
     finally:
         if claim is not None:
             claim.release()
+        if sweep:  # the sweep's end is genrun's to word again (a JobFailed Hydra raises after the last job)
+            os.environ["HYDRA_FULL_ERROR"] = "1"
     if rank() > 0:  # rank 0 reports
         return summary
     _report(summary)
@@ -94,6 +100,39 @@ def _job_failed(err: BaseException, run_dir: Path, claim: rundir.Claim | None) -
         return 1
     print(f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}", file=sys.stderr)
     return stop.exit_code(err)
+
+
+class JobFailed(Exception):
+    """A sweep's job that failed: Hydra runs the sweep's other jobs, then raises the first of these."""
+
+    def __init__(self, message: str, sweep_dir: Path) -> None:
+        super().__init__(message, sweep_dir)
+        self.message, self.sweep_dir = message, sweep_dir
+
+    def __str__(self) -> str:
+        ran = [d for d in self.sweep_dir.iterdir() if rundir.holds_run(d) and not rundir.failed_start(d)] \
+            if self.sweep_dir.is_dir() else []
+        if not ran:
+            return f"{self.message}; no job of the sweep started, so it leaves nothing behind"
+        return (f"{self.message}; the other jobs ran (a failed one said why above): `genrun-report "
+                f"{self.sweep_dir}` lists each job's status")
+
+
+def _sweep_job_failed(err: Exception, run_dir: Path) -> JobFailed:
+    """Word a sweep job's failure in one line, and leave its dir with a summary.json that says
+    so (the engine writes one for a run that failed while training; one that failed before gets
+    one here), for `genrun-report` to list. A sweep none of whose jobs started leaves nothing."""
+    user = as_user_error(err) if isinstance(err, (UserError, InstantiationException)) else None
+    storage = rundir.storage_problem(err, run_dir)
+    if user is None and storage is None:  # not bad input: a bug's traceback is what helps
+        traceback.print_exception(err)
+    why = (str(user) if user is not None else storage or f"{type(err).__name__}: {err}").strip()
+    line = why.splitlines()[0] if why else type(err).__name__
+    print(f"genrun: error: job {run_dir.name}: {line}", file=sys.stderr)
+    if not (run_dir / "summary.json").exists():
+        with contextlib.suppress(OSError):  # a full disk: the job's own error is what matters
+            rundir.record_failed_start(run_dir, line)
+    return JobFailed(f"job {run_dir.name} failed: {line}", run_dir.parent)
 
 
 def _resume_hint(run_dir: Path) -> str:
@@ -196,6 +235,8 @@ def main() -> None:
         raise
     except Refused as err:  # bad input the callback found before Hydra wrote anything
         _exit(str(err), 2)
+    except JobFailed as err:  # after every other job of the sweep ran
+        _exit(str(err), 1)
     except KeyboardInterrupt as err:  # during Hydra's start, or between a sweep's jobs
         print(f"\ngenrun: {stop.describe(err)}", file=sys.stderr)
         sys.exit(stop.exit_code(err))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -361,3 +363,33 @@ def test_a_users_task_without_a_model_is_a_one_line_error_naming_the_fitting_one
     proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", "+model=point", *FAST,
                   f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others_and_the_report_counts_it(genrun, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "task=cifar10,mnist5k", "model=small_cnn", f"task.data_dir={tmp_path / 'none'}", *FAST,
+                  f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, proc.stderr
+    assert "genrun: error: job 0: task.data_dir: no CIFAR-10" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"`genrun-report {sweep}` lists each job's status")
+    failed, ran = (json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1))
+    assert failed["status"] == "failed" and "no CIFAR-10" in failed["message"] and ran["status"] == "finished"
+    report = subprocess.run([sys.executable, "-m", "genrun.report", str(sweep)], capture_output=True, text=True,
+                            timeout=1800)
+    assert report.returncode == 0, report.stderr
+    rows = (sweep / "sweep.md").read_text()
+    assert "| task=cifar10 | 0 (1 failed) |" in rows and "| task=mnist5k | 1 |" in rows
+
+
+def test_submitit_launcher_runs_each_job_as_a_job_of_its_own_and_a_failure_stays_in_its_job(genrun, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = genrun("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30", "task=cifar10,mnist5k",
+                  "model=small_cnn", f"task.data_dir={tmp_path / 'none'}", *FAST, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("genrun: error: job 0 failed: task.data_dir: no CIFAR-10")
+    failed, ran = (json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1))
+    assert failed["status"] == "failed" and ran["status"] == "finished"
+    assert (sweep / ".submitit").is_dir()  # submitit's own job records: these ran as its jobs
+    report = subprocess.run([sys.executable, "-m", "genrun.report", str(sweep)], capture_output=True, text=True,
+                            timeout=1800)
+    assert report.returncode == 0 and "| task=cifar10 | 0 (1 failed) |" in (sweep / "sweep.md").read_text()

@@ -98,8 +98,14 @@ def test_a_sweep_that_fails_in_a_users_dir_leaves_it_as_it_was(genrun, tmp_path)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes").write_text("x")
-    # bad input that only building the task finds: the first job stops the sweep
-    one_line_error(genrun("-m", "seed=0,1", "task=cifar10", "task.data_dir=nowhere", f"hydra.sweep.dir={mine}"))
+    # bad input that only building the task finds: each job fails on it, and no job having started,
+    # the sweep leaves the dir as it was
+    proc = genrun("-m", "seed=0,1", "task=cifar10", "task.data_dir=nowhere", f"hydra.sweep.dir={mine}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("genrun: error: ")]
+    assert proc.returncode == 1 and len(errors) == 3, proc.stderr
+    assert errors[0].startswith("genrun: error: job 0: task.data_dir: no CIFAR-10 at")
+    assert errors[-1].endswith("no job of the sweep started, so it leaves nothing behind")
+    assert "Traceback" not in proc.stderr
     assert tree(mine) == {"notes": b"x"} and [p.name for p in mine.iterdir()] == ["notes"]
 
 
