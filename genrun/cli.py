@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from genrun import CONF_DIR, rundir, stop
+from genrun.console import say
 from genrun.errors import AlreadyFinished, UserError, as_user_error
 from genrun.hooks import USERS_FULL_ERROR, Refused
 from genrun.overrides import COMPOSITION_ERRORS, explain, override_key
@@ -91,14 +92,14 @@ def _job_failed(err: BaseException, run_dir: Path, claim: rundir.Claim | None) -
         return 0
     if user is not None:  # a task's or model's own check fails inside hydra's instantiate, which wraps it
         who = "genrun" if rank() == 0 else f"genrun (rank {rank()})"
-        print(f"{who}: error: {user}", file=sys.stderr)
+        say(f"{who}: error: {user}", sys.stderr)
         return 2
     if rank() > 0:  # process 0 says what happened
         return 1 if storage is not None else stop.exit_code(err)
     if storage is not None:
-        print(f"genrun: error: {storage}{_resume_hint(run_dir)}", file=sys.stderr)
+        say(f"genrun: error: {storage}{_resume_hint(run_dir)}", sys.stderr)
         return 1
-    print(f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}", file=sys.stderr)
+    say(f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}", sys.stderr)
     return stop.exit_code(err)
 
 
@@ -128,7 +129,7 @@ def _sweep_job_failed(err: Exception, run_dir: Path) -> JobFailed:
         traceback.print_exception(err)
     why = (str(user) if user is not None else storage or f"{type(err).__name__}: {err}").strip()
     line = why.splitlines()[0] if why else type(err).__name__
-    print(f"genrun: error: job {run_dir.name}: {line}", file=sys.stderr)
+    say(f"genrun: error: job {run_dir.name}: {line}", sys.stderr)
     if not (run_dir / "summary.json").exists():
         with contextlib.suppress(OSError):  # a full disk: the job's own error is what matters
             rundir.record_failed_start(run_dir, line)
@@ -167,7 +168,7 @@ def _report(summary: dict) -> None:
         lines.insert(1, f"  {summary['message']}")
     if summary.get("warning"):
         lines.insert(1, f"  warning: {summary['warning']}")
-    print("\n".join(lines), file=sys.stderr if summary["status"] != "finished" else sys.stdout)
+    say("\n".join(lines), sys.stderr if summary["status"] != "finished" else sys.stdout)
 
 
 def _route_resume(argv: list[str]) -> list[str]:

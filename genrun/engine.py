@@ -23,9 +23,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from genrun import atomic, checkpoint, parallel, stop, versions
+from genrun.console import Progress
 from genrun.errors import AlreadyFinished
 from genrun.runtime import (
     EpochBatches,
@@ -98,8 +98,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
 
     # -- the loop --------------------------------------------------------------------------
     status, message, results = "finished", None, {}
-    bar = tqdm(total=total_steps, initial=at.step, disable=_progress_disabled(tc.progress) or not main,
-               desc="train", unit="step")
+    progress = Progress(tc.progress, total_steps, at.step, enabled=main)
     stop.defer(world == 1)  # one process: SIGTERM ends the current step first (several must stop in lockstep)
     try:
         for micro in data.steps(at, total_steps, steps_per_epoch):
@@ -118,8 +117,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             if at.step % tc.log_every == 0 or at.step == total_steps:
                 records.train(at, loss, task.step_metrics(model))
             records.gen(stepper.gen_records())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stepper.lrs()[0]:.3g}")
+            progress.update(at.step, at.epoch, loss, stepper.lrs()[0])
             ends_epoch = at.ends_epoch(steps_per_epoch, total_steps)  # evaluated and checkpointed at the end
             if tc.eval_every and at.step % tc.eval_every == 0 and not ends_epoch:
                 results = evaluate()
@@ -134,7 +132,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         raise
     finally:
         stop.defer(False)
-        bar.close()
+        progress.close()
         summary = {
             "status": status, "message": message, "step": at.step, "epoch": at.epoch, "total_steps": total_steps,
             "final": results,
@@ -322,8 +320,6 @@ def _step_of_json(line: str) -> float:
         return math.inf
 
 
-def _progress_disabled(progress: str | bool) -> bool | None:
-    return {"auto": None, True: False, False: True, "on": False, "off": True}.get(progress, None)
 
 
 def _plain(cfg: DictConfig) -> dict[str, Any]:

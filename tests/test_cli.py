@@ -393,3 +393,16 @@ def test_submitit_launcher_runs_each_job_as_a_job_of_its_own_and_a_failure_stays
     report = subprocess.run([sys.executable, "-m", "genrun.report", str(sweep)], capture_output=True, text=True,
                             timeout=1800)
     assert report.returncode == 0 and "| task=cifar10 | 0 (1 failed) |" in (sweep / "sweep.md").read_text()
+
+
+def test_off_a_terminal_progress_is_a_few_plain_lines_and_the_run_log_keeps_what_was_shown(genrun, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = genrun("trainer.epochs=2", "logger=none", f"hydra.run.dir={run_dir}")  # output to a pipe, as in a SLURM log
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("genrun: step ")]
+    assert 5 <= len(lines) <= 11 and lines[-1].startswith("genrun: step 46/46 (100%), epoch 1, loss ")
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr and "step/s]" not in proc.stderr  # no tqdm bar
+    log = (run_dir / "genrun.log").read_text()
+    assert "genrun: finished after 46 steps" in log and f"run dir: {run_dir}" in log and lines[-1] in log
+    bar = genrun("trainer.max_steps=3", "logger=none", "trainer.progress=on", f"hydra.run.dir={tmp_path}/bar")
+    assert "train: 100%" in bar.stderr and "genrun: step " not in bar.stderr
