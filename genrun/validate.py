@@ -126,6 +126,14 @@ def _check_gen(cfg: DictConfig) -> None:
     if not gen.get("slope", True) and sum(x != 0 for x in gen.get("points", [-1, 0, 1])) < 2:
         raise UserError(f"optim.gen.points={gen.get('points', [-1, 0, 1])} with optim.gen.slope=false needs two "
                         "non-zero multipliers (the fit has two unknowns), e.g. [-1, 1, 2]")
+    try:  # the settings' combinations, as GeN checks them, before any job of a sweep starts
+        import torch
+
+        GeN(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **gen)
+    except (TypeError, ValueError) as err:
+        named = [k for k in gen if re.search(rf"\b{k}\b", str(err))] or list(gen)
+        given = ", ".join(f"optim.gen.{k}={gen[k]}" for k in named)
+        raise UserError(f"optim.gen: {err} (this run: {given})") from None
 
 
 def _check_no_nan(cfg: DictConfig) -> None:

@@ -177,6 +177,15 @@ def test_unknown_gen_setting_is_named(compose_cfg):
         validate(compose_cfg(["+optim.gen.evry=3"]))
 
 
+def test_gen_settings_that_exclude_each_other_are_named_before_any_job(compose_cfg, genrun, tmp_path):
+    with pytest.raises(UserError, match=r"optim.gen: .*\(this run: optim.gen.probe=next, .*optim.gen.init_search=True\)"):
+        validate(compose_cfg(["optim.gen.probe=next", "optim.gen.init_search=true"]))
+    proc = genrun("-m", "optim.gen.probe=same,next", "optim.gen.init_search=true", "+experiment=fast",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr  # job 0 would have run: none did
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
