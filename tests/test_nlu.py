@@ -16,13 +16,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import GENRUN, scored_in_shares
 from genrun.errors import DataMissing, UserError
 from genrun.hf import resolve_pretrained
-from genrun.text_models import TextClassifier
 from genrun.tasks.nlu import GLUE, NEGATIVE, POSITIVE, Glue, SyntheticSentiment, read_glue, scores
+from genrun.text_models import TextClassifier
 from genrun.validate import validate
-
-from conftest import GENRUN, scored_in_shares
 
 WORDS = sorted({*POSITIVE, *NEGATIVE, "the", "movie", "plot", "was", "not", "very", "what", "a", "is", "good", "bad",
                 "cat", "dog", "sat", "on", "mat", "\"quoted\"", "."})
@@ -324,7 +323,8 @@ def test_warmup_linear_rises_then_decays_to_zero():
     values = [warmup_linear(t, 100, warmup=0.1) for t in range(101)]
     assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == 0.0
-    assert all(a <= b for a, b in zip(values[:10], values[1:11])) and all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert all(a <= b for a, b in zip(values[:10], values[1:11]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
 TINY = ["trainer.progress=off", "logger=none", "trainer.batch_size=4"]
