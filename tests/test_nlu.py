@@ -360,8 +360,7 @@ def test_minilm_learns_the_synthetic_reviews_with_lora(genrun, tmp_path):
     run = tmp_path / "run"
     proc = genrun("task=synthetic_sentiment", "task.train_size=256", "task.eval_size=200", "model=minilm",
                   "model.finetune=lora", "optim=adamw", "optim.lr=5e-3", "trainer.epochs=3", "trainer.threads=2",
-                  "trainer.progress=off", "logger=none", "trainer.batch_size=32", f"hydra.run.dir={run}",
-                  timeout=600)
+                  "trainer.progress=off", "logger=none", "trainer.batch_size=32", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     final = json.loads((run / "summary.json").read_text())["final"]
     assert final["dev"]["acc"] > 0.9, final  # chance is 0.5; 24 LoRA steps from the pretrained encoder

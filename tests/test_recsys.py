@@ -279,7 +279,7 @@ def test_table7_offline_sweep_and_its_report(genrun, tmp_path):
     sweep = tmp_path / "sweep"
     proc = genrun("-m", "+experiment=table7_offline", "hydra/launcher=basic", "seed=0,1", "task.users=40",
                   "trainer.epochs=2", "model.hidden=16", "model.layers=1", "table7.batch.large=16",
-                  "table7.batch.small=8", f"hydra.sweep.dir={sweep}", timeout=600)
+                  "table7.batch.small=8", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
     report = subprocess.run([str(GENRUN.with_name("genrun-report")), str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
