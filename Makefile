@@ -28,6 +28,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q genrun tests
+	$(PY) -m ruff check genrun tests
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

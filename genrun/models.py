@@ -84,7 +84,8 @@ def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A local weights file: a state_dict, or a checkpoint holding one under 'state_dict' or 'model'."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"model.pretrained={path}: no such file; pass a state_dict saved with torch.save, true or false")
+        raise UserError(f"model.pretrained={path}: no such file; "
+                        "pass a state_dict saved with torch.save, true or false")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated files, non-tensor objects

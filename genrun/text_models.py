@@ -122,8 +122,9 @@ class CausalLM(nn.Module):
                 net = _lora(net, "CAUSAL_LM", None, lora_r, lora_alpha, lora_dropout)
         room = getattr(net.config, "n_positions", None) or getattr(net.config, "max_position_embeddings", None)
         if room is not None and max_length + max_new_tokens > room:
-            raise UserError(f"task.max_length + task.max_new_tokens = {max_length + max_new_tokens} exceeds the model's "
-                            f"{room} positions: lower them" + (" or raise model.positions" if pretrained is None else ""))
+            raise UserError(f"task.max_length + task.max_new_tokens = {max_length + max_new_tokens} exceeds "
+                            f"the model's {room} positions: lower them"
+                            + (" or raise model.positions" if pretrained is None else ""))
         self.net = net
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

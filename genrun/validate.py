@@ -11,9 +11,10 @@ import inspect
 import logging
 import math
 import re
+from collections.abc import Callable
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError

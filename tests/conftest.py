@@ -15,6 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GENRUN = Path(sys.executable).with_name("genrun")
 
+#: Seconds a subprocess, or a wait for what it writes, may take before a test calls it hung: a
+#: safety net far above the slowest run's time on a machine busy with other work, never a
+#: measure (no test asserts wall-clock time; a wait ends as soon as what it waits for is there).
+PATIENCE = 1800
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_caches(tmp_path_factory):
@@ -67,7 +72,7 @@ def genrun(tmp_path):
     scratch dir starts with a user's file in it, and every call is checked for removing anything."""
     (tmp_path / USER_FILE).write_text("mine\n")
 
-    def _run(*args: str, timeout: float = 300, cwd: Path | None = None,
+    def _run(*args: str, timeout: float = PATIENCE, cwd: Path | None = None,
              python: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
         command = [str(GENRUN), *args] if python is None else [sys.executable, "-c", _patched(python), *args]

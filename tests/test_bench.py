@@ -7,6 +7,8 @@ import math
 import subprocess
 import sys
 
+from conftest import PATIENCE
+
 SCHEMES = {"two no-grad forwards (floor)", "one no-grad forward (floor of fast)", "one no-grad forward + host sync",
            "gen (probes -1,+1; slope from grad)", "gen fast (probe +1; slope from grad)"}
 
@@ -14,7 +16,7 @@ SCHEMES = {"two no-grad forwards (floor)", "one no-grad forward (floor of fast)"
 def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
     out, prof = tmp_path / "bench.json", tmp_path / "prof"
     proc = subprocess.run([sys.executable, "-m", "genrun.bench", "--device", "cpu", "--steps", "1", "--out", str(out),
-                           "--profile", str(prof)], capture_output=True, text=True, timeout=300)
+                           "--profile", str(prof)], capture_output=True, text=True, timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr
     (setting,) = json.loads(out.read_text())["settings"]  # the CPU has one model: the small CNN
     rows = {(r["scheme"], r["phi"]): r for r in setting["rows"]}
@@ -41,7 +43,7 @@ def test_bench_times_every_scheme_at_every_phi_on_the_cpu(tmp_path):
 
 def test_an_only_that_matches_no_model_is_a_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "genrun.bench", "--device", "cpu", "--only", "resnet"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=PATIENCE)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
         "genrun.bench: error: --only 'resnet' matches no model on cpu; there: small CNN, SGD, 8x8, B=64"]
 

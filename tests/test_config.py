@@ -8,11 +8,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import CONF, options
 from genrun.errors import UserError
 from genrun.optim import REGISTRY, build_optimizer
 from genrun.validate import models_for, validate
-
-from conftest import CONF, options
 
 SMALL_TASKS = ["digits", "mnist5k"]
 
@@ -192,12 +191,15 @@ def test_gen_settings_that_exclude_each_other_are_named_before_any_job(compose_c
         # Hydra suggests `+key=value` for an unknown key; the engine would then ignore it
         (["+trainer.max_epochs=3"], "trainer.max_epochs is not a trainer setting; did you mean trainer.epochs?"),
         (["+optim.momentm=0.9"], "optim.momentm is not an argument of torch.optim.SGD; did you mean optim.momentum?"),
-        (["optim=dog", "+optim.init_eata=1e-6"], "optim.init_eata is not an argument of dog.DoG; did you mean optim.init_eta?"),
+        (["optim=dog", "+optim.init_eata=1e-6"],
+         "optim.init_eata is not an argument of dog.DoG; did you mean optim.init_eta?"),
         # a schedule would take it only at its first call, mid-start; a model or logger at instantiate
-        (["optim=sgd", "sched=cosine", "+sched.warmup=3"], "sched.warmup is not an argument of genrun.sched.cosine (it takes: nothing)"),
+        (["optim=sgd", "sched=cosine", "+sched.warmup=3"],
+         "sched.warmup is not an argument of genrun.sched.cosine (it takes: nothing)"),
         (["optim=sgd", "sched=warmup_cosine", "+sched.warmpu=3"], "did you mean sched.warmup?"),
         (["+model.widht=8"], "model.widht is not an argument of genrun.models.SmallCNN; did you mean model.width?"),
-        (["logger=wandb", "+logger.projet=x"], "logger.projet is not an argument of genrun.sinks.WandbSink; did you mean logger.project?"),
+        (["logger=wandb", "+logger.projet=x"],
+         "logger.projet is not an argument of genrun.sinks.WandbSink; did you mean logger.project?"),
         (["optim.name=sgdd"], "optim.name=sgdd is not a known optimizer; did you mean optim.name=sgd?"),
     ],
 )
@@ -228,7 +230,8 @@ def test_every_experiment_row_validates(compose_cfg, preset, row):
 def test_every_gen_suite_cell_composes_with_every_kind_of_row(compose_cfg, cell):
     base = {}
     for row in ("const_1", "sched_4", "gen", "gen_div1000", "prodigy", "sf"):
-        cfg = compose_cfg(["+experiment=gen_suite", f"experiment/gen_suite_cell={cell}", f"experiment/gen_suite_row={row}"])
+        cfg = compose_cfg(["+experiment=gen_suite", f"experiment/gen_suite_cell={cell}",
+                           f"experiment/gen_suite_row={row}"])
         validate(cfg)
         suite = cfg.gen_suite
         assert suite.cell == cell and suite.row == row and len(suite.grid) == 4

@@ -6,15 +6,15 @@ import pickle
 from pathlib import Path
 
 import pytest
-from test_detection import write_penn_fudan
-from test_nlu import write_glue
-from test_vision_data import SIZE, write_cifar10, write_svhn
 
 from genrun.errors import DataCorrupt
 from genrun.tasks import vision
 from genrun.tasks.detection import PennFudan
 from genrun.tasks.nlg import read_e2e
 from genrun.tasks.nlu import GLUE, read_glue
+from test_detection import write_penn_fudan
+from test_nlu import write_glue
+from test_vision_data import SIZE, write_cifar10, write_svhn
 
 
 class _Planted:
@@ -34,7 +34,8 @@ def test_a_planted_cifar_batch_is_refused_and_not_run(tmp_path):
         pickle.dump({"data": _Planted(marker), "labels": [0, 1]}, f)
     with pytest.raises(DataCorrupt) as err:
         vision.Cifar10(data_dir=str(tmp_path), image_size=SIZE).datasets()
-    assert f"{batch} is not a readable data pickle (it names io.open, which no data file needs; refused, not run)" in str(err.value)
+    why = "it names io.open, which no data file needs; refused, not run"
+    assert f"{batch} is not a readable data pickle ({why})" in str(err.value)
     assert not marker.exists()
 
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import GENRUN, scored_in_shares
 from genrun.errors import DataMissing, UserError
 from genrun.models import mask_rcnn
 from genrun.tasks.detection import PennFudan, SyntheticScenes
-
-from conftest import GENRUN, scored_in_shares
 
 # per image: (height, width, [(top, left, bottom, right) of each pedestrian, inclusive])
 PEOPLE = [(40, 50, [(5, 4, 30, 15), (10, 30, 35, 44)]), (36, 36, [(2, 2, 20, 12)]),
@@ -32,7 +31,8 @@ def write_penn_fudan(root: Path, people=PEOPLE) -> Path:
     (folder / "PedMasks").mkdir()
     rng = np.random.default_rng(0)
     for i, (h, w, boxes) in enumerate(people, start=1):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / "PNGImages" / f"FudanPed{i:05d}.png")
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "PNGImages" / f"FudanPed{i:05d}.png")
         ids = np.zeros((h, w), dtype=np.uint8)
         for k, (top, left, bottom, right) in enumerate(boxes, start=1):
             ids[top:bottom + 1, left:right + 1] = k
@@ -57,7 +57,8 @@ def test_penn_fudan_reads_instances_boxes_and_a_fixed_split(tmp_path):
         assert torch.equal(target["boxes"], expected)
         assert target["labels"].tolist() == [1] * len(boxes)
         assert target["masks"].shape == (len(boxes), h, w)
-        assert target["masks"].sum((1, 2)).tolist() == [(b - t + 1) * (r - l + 1) for t, l, b, r in boxes]
+        areas = [(bottom - top + 1) * (right - left + 1) for top, left, bottom, right in boxes]
+        assert target["masks"].sum((1, 2)).tolist() == areas
     again, _ = PennFudan(str(tmp_path), test_size=1).datasets()
     assert [i.shape for i in again.images] == [i.shape for i in train.images]
     other, _ = PennFudan(str(tmp_path), test_size=1, split_seed=3).datasets()
@@ -86,7 +87,8 @@ def test_training_flips_mirror_image_masks_and_boxes_by_seed_epoch_and_index(tmp
 
 
 def test_penn_fudan_missing_files_are_one_line_errors(tmp_path):
-    with pytest.raises(DataMissing, match=r"no Penn-Fudan \(PNGImages/, PedMasks/\) at .*PennFudanPed; run with task.download"):
+    message = r"no Penn-Fudan \(PNGImages/, PedMasks/\) at .*PennFudanPed; run with task.download"
+    with pytest.raises(DataMissing, match=message):
         PennFudan(str(tmp_path)).datasets()
     folder = write_penn_fudan(tmp_path)
     with pytest.raises(UserError, match="task.test_size=4 is invalid: must be between 1 and 3"):
@@ -246,7 +248,8 @@ def test_table5_cells_are_mean_and_std_over_seeds_and_skip_empty_size_classes():
         cfg = OmegaConf.create({"task": {"name": "penn_fudan"}, "table5": {"row": row}, "seed": seed})
         final = {"test": {"bbox_ap": ap, "bbox_ap_s": 0.1, "bbox_ap_m": 0.2, "bbox_ap_l": ap_l,
                           "segm_ap": ap / 2, "segm_ap_s": 0.1, "segm_ap_m": 0.2, "segm_ap_l": ap_l}}
-        return Run(Path(f"/nonexistent/{row}{seed}"), cfg, {"status": status, "final": final if status == "finished" else {}})
+        summary = {"status": status, "final": final if status == "finished" else {}}
+        return Run(Path(f"/nonexistent/{row}{seed}"), cfg, summary)
 
     rows = table5.collect([run("gen", 0, 0.6), run("gen", 1, 0.8), run("manual", 0, 0.5, ap_l=0.7),
                            run("manual", 1, 0.0, status="diverged")])

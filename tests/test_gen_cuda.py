@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from genloop import gen_train, loss_of
 from genrun.gen import GeN
 
 try:
@@ -38,12 +39,7 @@ def _step(model, snapshot, every=1, steps=3):
     x, y = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = GeN(opt, every=every, model=model, snapshot=snapshot)
-    f = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    for _ in range(steps):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, lambda: nn.functional.cross_entropy(model(x), y), steps)
     return gen, [p.detach().clone() for p in model.parameters()]
 
 
@@ -183,12 +179,7 @@ def test_cuda_exact_mode_runs_and_agrees_with_fit_on_a_quadratic():
         w = w0.clone().requires_grad_()
         opt = torch.optim.Adam([w], lr=0.05)
         gen = GeN(opt, every=1, probe="same", mode=mode, smoothing=0.5, max_change=None)
-        f = lambda: 0.5 * w @ h @ w - c @ w  # noqa: E731
-        for _ in range(3):
-            loss = f()
-            loss.backward()
-            gen.step(f, loss=loss.detach())
-            opt.zero_grad()
+        gen_train(gen, loss_of(h, c, w), 3)
         etas[mode] = [r["eta_star"] for r in gen.history]
     print("eta* fit vs exact:", etas)
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(etas["fit"], etas["exact"]))

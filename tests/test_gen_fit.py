@@ -155,7 +155,6 @@ def test_guard_caps_at_minimiser_only_when_the_probes_show_overshoot():
 
 
 def test_shrunk_ratio_only_lowers_and_only_for_an_r2_rejection():
-    from genrun.gen.guard import shrunk_ratio
 
     inside = ParabolaFit(4.0, 1.0, 0.5, False)                      # s* = 0.25
     assert shrunk_ratio(inside, "r2", None) == (0.25, True)

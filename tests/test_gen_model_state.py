@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from genloop import gen_call, gen_train, mse
 from genrun.gen import GeN
 
 
@@ -27,14 +28,12 @@ def test_batchnorm_statistics_move_only_in_the_training_forward(probe, mode):
     model = bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = GeN(opt, every=1, model=model, mode=mode, probe=probe)
-    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    f = mse(model, x, y)
+    after_forward = []
     for _ in range(3):
-        loss = f()
-        loss.backward()
-        after_forward = buffers(model)
-        gen.step(f, loss=None)  # loss=None: even the s=0 point is a forward
-        opt.zero_grad()
-        assert all(torch.equal(a, b) for a, b in zip(buffers(model), after_forward))
+        # loss=False: even the s=0 point is a forward
+        gen_call(gen, f, loss=False, before_step=lambda: after_forward.append(buffers(model)))
+        assert all(torch.equal(a, b) for a, b in zip(buffers(model), after_forward[-1]))
     assert int(model[1].num_batches_tracked) == 3
     assert model.training
     assert len(gen.history) == (2 if probe == "next" else 3)
@@ -46,11 +45,8 @@ def test_without_model_the_probes_would_move_batchnorm(probe, forwards):
     model = bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     gen = GeN(opt, every=1, probe=probe)
-    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
-    loss = f()
-    loss.backward()
-    after_forward = buffers(model)
-    gen.step(f, loss=loss.detach())
+    after_forward = []
+    gen_call(gen, mse(model, x, y), before_step=lambda: after_forward.extend(buffers(model)))
     # one training forward + the probe forwards: L(1) (next), L(-1) and L(1) (same)
     assert int(model[1].num_batches_tracked) == 1 + forwards
     assert not torch.equal(model[1].running_mean, after_forward[0])
@@ -87,7 +83,7 @@ def _dropout_step(use_gen, remember, probe="same"):
     model = dropout_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = GeN(opt, every=1, points=(-1.0, 0.0, 1.0), model=model, probe=probe)
-    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    f = mse(model, x, y)
     torch.manual_seed(123)
     if remember:
         gen.remember_rng()
@@ -106,10 +102,8 @@ def _s0_loss(gen):
         rec = gen.history[0]
         return rec["losses"][rec["points"].index(0.0)]
     model = gen.model
-    gen.zero_grad()
-    f = lambda: model[-1].weight.square().sum()  # noqa: E731  probe="next" records one call later
-    f().backward()
-    gen.step(f)
+    gen.zero_grad()  # probe="next" records one call later
+    gen_call(gen, lambda: model[-1].weight.square().sum(), loss=False)
     return gen.history[0]["l0"]
 
 
@@ -153,15 +147,8 @@ def test_grad_scaler_steps_use_unscaled_gradients(probe):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     opt = torch.optim.SGD([w], lr=0.01)
     gen = GeN(opt, every=1, smoothing=0.0, max_change=None, scaler=scaler, probe=probe)
-    f = lambda: 0.5 * w @ h @ w  # noqa: E731
-    grads = []
-    for _ in range(4):
-        loss = f()
-        scaler.scale(loss).backward()
-        gen.step(f, loss=loss.detach())
-        grads.append(w.grad.clone())  # unscaled in place by scaler.step
-        scaler.update()
-        opt.zero_grad()
+    grads = []  # unscaled in place by scaler.step
+    gen_train(gen, lambda: 0.5 * w @ h @ w, 4, scaler=scaler, after_step=lambda: grads.append(w.grad.clone()))
     assert len(gen.history) == (3 if probe == "next" else 4)
     # β is the unscaled formula (a scaled β would make η* 4096 times too large)
     for rec in gen.history:

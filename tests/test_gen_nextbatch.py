@@ -13,24 +13,19 @@ import pytest
 import torch
 from torch import nn
 
+from genloop import (
+    F64,
+    NewtonDirection,
+    gen_accumulated_call,
+    gen_call,
+    gen_train,
+    loss_of,
+    micro_batches,
+    mse,
+    quadratic,
+)
 from genrun.gen import GeN
 from genrun.gen.nextbatch import Averages, decide, heavy_ball_reach
-
-F64 = torch.float64
-
-
-
-def quadratic(n=6, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=F64)
-    h = m @ m.T / n + 0.5 * torch.eye(n, dtype=F64)
-    c = torch.randn(n, generator=g, dtype=F64)
-    w = torch.randn(n, generator=g, dtype=F64).requires_grad_()
-    return scale * h, scale * c, w
-
-
-def loss_of(h, c, w):
-    return lambda: 0.5 * w @ h @ w - c @ w
 
 
 def exact_gen():
@@ -41,13 +36,12 @@ def train(gen, closure, calls):
     """``calls`` plain training steps; returns the gradient and the weights before each call."""
     params = [p for g in gen.param_groups for p in g["params"]]
     grads, weights = [], []
-    for _ in range(calls):
-        out = closure()
-        out.backward()
+
+    def record():
         grads.append([p.grad.detach().clone() for p in params])
         weights.append([p.detach().clone() for p in params])
-        gen.step(closure, loss=out.detach())
-        gen.zero_grad()
+
+    gen_train(gen, closure, calls, before_step=record)
     return grads, weights
 
 
@@ -82,42 +76,20 @@ def test_eta_star_is_the_exact_step_along_the_gradient_of_the_step_it_measured(l
 
 
 def test_gradient_accumulation_measures_the_accumulated_gradient():
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(2, 16, 5, generator=g, dtype=F64), torch.randn(2, 16, generator=g, dtype=F64)
-    w = torch.zeros(5, dtype=F64, requires_grad=True)
-    micro = lambda i: 0.5 * ((x[i] @ w - y[i]) ** 2).mean()  # noqa: E731
-    closure = lambda: (micro(0) + micro(1)) / 2  # noqa: E731
-    h = sum(x[i].T @ x[i] for i in range(2)) / 32  # Hessian of the mean over both micro-batches
+    w, micro, h = micro_batches()
     opt = torch.optim.SGD([w], lr=1e-3)
     gen = GeN(opt, **exact_gen())
     etas = []
-    for _ in range(5):
-        total = 0.0
-        for i in range(2):
-            part = micro(i) / 2
-            part.backward()
-            total += part.detach()
+
+    def eta_of_the_accumulated_gradient():
         gd = w.grad
         etas.append((gd @ gd / (gd @ h @ gd)).item())
-        gen.step(closure, loss=total)
-        opt.zero_grad()
+
+    for _ in range(5):
+        gen_accumulated_call(gen, micro, 2, before_step=eta_of_the_accumulated_gradient)
     assert len(gen.history) == 4
     for rec in gen.history:
         assert rec["eta_star"] == pytest.approx(etas[rec["step"]], rel=1e-9)
-
-
-class NewtonDirection(torch.optim.Optimizer):
-    """w -= lr · H⁻¹ grad."""
-
-    def __init__(self, params, h, lr):
-        super().__init__(params, dict(lr=lr))
-        self.h_inv = torch.linalg.inv(h)
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.sub_(group["lr"] * (self.h_inv @ p.grad))
 
 
 def test_newton_direction_gives_unit_step_prop_3_3():
@@ -178,11 +150,7 @@ def _resume_run(split=None, steps=16):
             model.load_state_dict(saved["m"])
             opt.load_state_dict(saved["o"])
             gen.load_state_dict(saved["g"])
-        f = lambda: ((model(x[t]).squeeze(1) - y[t]) ** 2).mean()  # noqa: E731
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+        gen_call(gen, mse(model, x[t], y[t]))
     return [p.detach() for p in model.parameters()], gen, held
 
 
@@ -203,10 +171,9 @@ def test_a_step_that_raises_its_own_batch_loss_is_cut_to_its_parabola_minimum(di
     opt = torch.optim.SGD([w], lr=lr)
     gen = GeN(opt, probe="next", every=1)
     f = lambda: 0.5 * w @ h @ w  # noqa: E731
-    loss = f()
-    loss.backward()
-    w_t, g = w.detach().clone(), w.grad.clone()
-    gen.step(f, loss=loss.detach())
+    w_t, grads = w.detach().clone(), []
+    loss = gen_call(gen, f, before_step=lambda: grads.append(w.grad.clone()))
+    (g,) = grads
     delta = lr * g
     assert 0.5 * (w_t - delta) @ h @ (w_t - delta) > loss.item()  # the base step raised B's loss
     r = ((g @ delta) / (delta @ h @ delta)).item()  # β_B/a: 1/3 on the 1-D problem
@@ -214,9 +181,7 @@ def test_a_step_that_raises_its_own_batch_loss_is_cut_to_its_parabola_minimum(di
     assert gen.lr == pytest.approx(lr * r, rel=1e-12)  # the lr is cut with the step, at this call
     if len(diag) == 1:
         assert r == pytest.approx(1 / 3, rel=1e-12)
-    gen.zero_grad()
-    f().backward()
-    gen.step(f)
+    gen_call(gen, f, loss=False)
     rec = gen.history[0]
     assert rec["cut"] == pytest.approx(r, rel=1e-12) and rec["lr_before"] == lr
     assert rec["delta_norm"] == pytest.approx(r * delta.norm().item(), rel=1e-12)  # the step as taken
@@ -253,13 +218,12 @@ def test_a_direction_that_does_not_descend_on_the_next_batch_holds_the_lr():
     w = torch.zeros(1, dtype=F64, requires_grad=True)
     opt = torch.optim.SGD([w], lr=0.1)
     gen = GeN(opt, probe="next", every=1)
+
+    def pulled_to(target):
+        return lambda: 0.5 * ((w - target) ** 2).sum()
+
     for t in range(8):
-        target = 1.0 if t % 2 == 0 else -1.0
-        f = lambda: 0.5 * ((w - target) ** 2).sum()  # noqa: E731
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        gen.zero_grad()
+        gen_call(gen, pulled_to(1.0 if t % 2 == 0 else -1.0))
     assert len(gen.history) == 7 and gen.lr == 0.1
     for rec in gen.history:
         assert rec["reason"] == "no_descent" and not rec["accepted"] and rec["resolved"]
@@ -275,12 +239,12 @@ def test_the_lr_is_the_smaller_of_the_own_batch_and_reach_times_held_out_eta(mom
     w = torch.zeros(5, dtype=F64, requires_grad=True)
     opt = torch.optim.SGD([w], lr=0.05, momentum=momentum)
     gen = GeN(opt, **exact_gen())
+
+    def batch(i):
+        return lambda: 0.5 * ((x[i] @ w - y[i]) ** 2).mean()
+
     for t in range(12):
-        f = lambda: 0.5 * ((x[t % 4] @ w - y[t % 4]) ** 2).mean()  # noqa: E731
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        gen.zero_grad()
+        gen_call(gen, batch(t % 4))
     reach = 1.0 + momentum
     accepted = [r for r in gen.history if r["accepted"]]
     assert len(accepted) >= 5
@@ -373,8 +337,12 @@ def test_a_probe_costs_one_forward_and_its_measurement_none(given, forwards):
     w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), probe="next", every=4)
     calls = []
+
+    def counted(t):  # GeN's own forwards, by call
+        return lambda: calls.append(t) or (w**2).sum()
+
     for t in range(12):
-        f = lambda: calls.append(t) or (w**2).sum()  # noqa: E731
+        f = counted(t)
         loss = (w**2).sum()
         loss.backward()
         gen.step(f, loss=loss.detach() if given else None)
@@ -391,16 +359,8 @@ def _scaled_run(scale, unscale_first=False):
     opt = torch.optim.SGD([w], lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
     gen = GeN(opt, probe="next", every=1, smoothing=0.0, max_change=None, scaler=scaler)
-    f = lambda: 0.5 * w @ h @ w  # noqa: E731
-    for _ in range(4):
-        loss = f()
-        (scaler.scale(loss) if scaler else loss).backward()
-        if unscale_first:
-            scaler.unscale_(opt)
-        gen.step(f, loss=loss.detach())
-        if scaler:
-            scaler.update()
-        opt.zero_grad()
+    gen_train(gen, lambda: 0.5 * w @ h @ w, 4, scaler=scaler,
+              before_step=(lambda: scaler.unscale_(opt)) if unscale_first else None)
     return [r["eta_star"] for r in gen.history]
 
 
@@ -415,6 +375,10 @@ def test_grad_scaler_gradients_unscaled_by_the_caller_are_not_unscaled_twice():
     assert _scaled_run(2.0**10, unscale_first=True) == pytest.approx(_scaled_run(None), rel=1e-6)
 
 
+def cross_entropy(model, x, y):
+    return lambda: nn.functional.cross_entropy(model(x), y)
+
+
 def test_a_rise_within_the_loss_rounding_does_not_cut_the_step():
     # float32 cross-entropy far below η*: L_B(1) - L0 is a few ulps of either sign
     cuts = []
@@ -425,7 +389,7 @@ def test_a_rise_within_the_loss_rounding_does_not_cut_the_step():
             torch.manual_seed(seed)
             model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
             gen = GeN(torch.optim.SGD(model.parameters(), lr=lr), probe="next", every=1)
-            train(gen, lambda: nn.functional.cross_entropy(model(x), y), 6)
+            train(gen, cross_entropy(model, x, y), 6)
             cuts += [(seed, lr, r["cut"]) for r in gen.history if not r["resolved"]]
     assert len(cuts) > 20
     assert [c for c in cuts if c[2] != 1.0] == []

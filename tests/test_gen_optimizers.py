@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
+from genloop import gen_call, gen_train, mse
 from genrun.gen import GeN
 
 PROBES = pytest.mark.parametrize("probe", ["next", "same"])
-
 
 
 def least_squares(seed=0, n=64, d=8):
@@ -28,14 +28,8 @@ def test_base_optimizer_steps_exactly_once_per_call(probe):
     w = torch.zeros(8, requires_grad=True)
     opt = torch.optim.Adam([w], lr=0.05)
     gen = GeN(opt, every=1, smoothing=0.5, probe=probe)
-    f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
     grads = []
-    for _ in range(12):
-        loss = f()
-        loss.backward()
-        grads.append(w.grad.clone())
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, lambda: ((x @ w - y) ** 2).mean(), 12, before_step=lambda: grads.append(w.grad.clone()))
     assert sum(r["accepted"] for r in gen.history) > 0
     # a plain Adam fed the same gradients has the same moments and step count
     v = torch.zeros(8, requires_grad=True)
@@ -55,12 +49,7 @@ def test_group_lr_ratios_survive(probe):
     a, b = torch.zeros(8, requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-3}], momentum=0.5)
     gen = GeN(opt, every=1, probe=probe)
-    f = lambda: ((x @ a + b - y) ** 2).mean()  # noqa: E731
-    for _ in range(30):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, lambda: ((x @ a + b - y) ** 2).mean(), 30)
     assert sum(r["accepted"] for r in gen.history) >= 10
     assert gen.lr != 1e-2
     assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(10.0, rel=1e-12)
@@ -76,13 +65,10 @@ def test_frozen_and_gradless_params_are_untouched(probe):
     frozen0, unused0 = frozen.clone(), unused.clone()
     opt = torch.optim.AdamW([w, frozen, unused], lr=0.05, weight_decay=0.1)
     gen = GeN(opt, every=1, probe=probe)
-    f = lambda: ((x @ (w + frozen) - y) ** 2).mean()  # noqa: E731
-    for _ in range(5):
-        loss = f()
-        loss.backward()
-        assert unused.grad is None
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    unused_grads = []
+    gen_train(gen, lambda: ((x @ (w + frozen) - y) ** 2).mean(), 5,
+              before_step=lambda: unused_grads.append(unused.grad))
+    assert unused_grads == [None] * 5
     assert torch.equal(frozen, frozen0) and torch.equal(unused.detach(), unused0.detach())
     assert not torch.equal(w.detach(), torch.zeros(8))
     assert len(gen.history) >= 4 and any(r["lr_after"] != r["lr_before"] for r in gen.history)
@@ -105,13 +91,9 @@ def test_each_base_optimizer_reduces_least_squares(name, probe):
     model = torch.nn.Linear(8, 1)
     opt = OPTIMIZERS[name](model.parameters())
     gen = GeN(opt, every=2, probe=probe)
-    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    f = mse(model, x, y)
     first = f().item()
-    for _ in range(60):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, f, 60)
     assert f().item() < 0.25 * first
     assert any(r["accepted"] for r in gen.history)
     steps = [r["step"] for r in gen.history]
@@ -126,7 +108,7 @@ def _one_probe_step(snapshot, closure_factory=None, probe="same", lr=0.05):
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+    f = mse(model, x, y)
     for _ in range(2):  # give momentum some state
         f().backward()
         opt.step()
@@ -167,10 +149,8 @@ def test_rejected_probe_leaves_the_base_step_bit_exactly(snapshot):
 def _held_record(gen):
     """The record of the probe step just taken: probe="next" makes it at the next call."""
     params = [p for group in gen.param_groups for p in group["params"]]
-    f = lambda: sum((p**2).sum() for p in params)  # noqa: E731  any batch will do
-    gen.zero_grad()
-    f().backward()
-    gen.step(f)
+    gen.zero_grad()  # the probe step's own gradients are still there
+    gen_call(gen, lambda: sum((p**2).sum() for p in params), loss=False)  # any batch will do
     return gen.history[0]
 
 
@@ -208,12 +188,7 @@ def test_tensor_learning_rate_is_scaled_in_place(probe):
     lr = torch.tensor(0.01)
     opt = torch.optim.Adam([w], lr=lr)
     gen = GeN(opt, every=1, smoothing=0.0, probe=probe)
-    f = lambda: ((x @ w - y) ** 2).mean()  # noqa: E731
-    for _ in range(2):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, lambda: ((x @ w - y) ** 2).mean(), 2)
     assert opt.param_groups[0]["lr"] is lr  # the caller's tensor, moved in place
     rec = gen.history[0]
     assert rec["lr_after"] != rec["lr_before"] == pytest.approx(0.01)

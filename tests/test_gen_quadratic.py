@@ -4,23 +4,9 @@ form (float64).  The default estimator's closed forms are in test_gen_nextbatch.
 import pytest
 import torch
 
+from genloop import F64, NewtonDirection, gen_accumulated_call, gen_call, gen_train, loss_of, micro_batches, quadratic
 from genrun.gen import GeN
 from genrun.gen.search import lr_grid, momentum_echo
-
-F64 = torch.float64
-
-
-def quadratic(n=6, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.randn(n, n, generator=g, dtype=F64)
-    h = m @ m.T / n + 0.5 * torch.eye(n, dtype=F64)
-    c = torch.randn(n, generator=g, dtype=F64)
-    w = torch.randn(n, generator=g, dtype=F64).requires_grad_()
-    return scale * h, scale * c, w
-
-
-def loss_of(h, c, w):
-    return lambda: 0.5 * w @ h @ w - c @ w
 
 
 def exact_gen():
@@ -32,12 +18,11 @@ def test_gen_sgd_picks_the_exact_step_along_the_gradient():
     opt = torch.optim.SGD([w], lr=0.01)
     gen = GeN(opt, **exact_gen())
     f = loss_of(h, c, w)
+    grads = []
     for _ in range(8):
-        loss = f()
-        loss.backward()
-        g, w0 = w.grad.detach().clone(), w.detach().clone()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+        w0 = w.detach().clone()
+        gen_call(gen, f, before_step=lambda: grads.append(w.grad.detach().clone()))
+        g = grads[-1]
         eta = (g @ g / (g @ h @ g)).item()
         assert gen.lr == pytest.approx(eta, rel=1e-6)
         assert gen.history[-1]["accepted"] and gen.history[-1]["r2"] == pytest.approx(1.0, abs=1e-9)
@@ -48,28 +33,11 @@ def test_gen_sgd_picks_the_exact_step_along_the_gradient():
     assert rec["b"] == pytest.approx(rec["beta_s"] / rec["lr_before"])
 
 
-class NewtonDirection(torch.optim.Optimizer):
-    """w -= lr · H⁻¹ grad."""
-
-    def __init__(self, params, h, lr):
-        super().__init__(params, dict(lr=lr))
-        self.h_inv = torch.linalg.inv(h)
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.sub_(group["lr"] * (self.h_inv @ p.grad))
-
-
 def test_newton_direction_gives_unit_step_prop_3_3():
     h, c, w = quadratic(seed=1)
     opt = NewtonDirection([w], h, lr=0.3)
     gen = GeN(opt, **exact_gen())
-    f = loss_of(h, c, w)
-    loss = f()
-    loss.backward()
-    gen.step(f, loss=loss.detach())
+    gen_call(gen, loss_of(h, c, w))
     assert gen.lr == pytest.approx(1.0, rel=1e-6)
     torch.testing.assert_close(w.detach(), torch.linalg.solve(h, c), rtol=1e-8, atol=1e-10)
 
@@ -78,14 +46,8 @@ def _trajectory(scale, steps=6):
     h, c, w = quadratic(seed=2, scale=scale)
     opt = torch.optim.SGD([w], lr=0.05)
     gen = GeN(opt, **exact_gen())
-    f = loss_of(h, c, w)
     out = []
-    for _ in range(steps):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
-        out.append(w.detach().clone())
+    gen_train(gen, loss_of(h, c, w), steps, after_step=lambda: out.append(w.detach().clone()))
     return torch.stack(out), gen.lr
 
 
@@ -100,12 +62,7 @@ def _eta_stars(mode):
     h, c, w = quadratic(seed=3)
     opt = torch.optim.Adam([w], lr=0.05)
     gen = GeN(opt, probe="same", mode=mode, every=1, smoothing=0.5, max_change=None)
-    f = loss_of(h, c, w)
-    for _ in range(6):
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+    gen_train(gen, loss_of(h, c, w), 6)
     return [r["eta_star"] for r in gen.history], [r["A"] for r in gen.history]
 
 
@@ -117,23 +74,13 @@ def test_exact_mode_agrees_with_fit_mode():
 
 
 def test_gradient_accumulation_uses_the_accumulated_gradient():
-    g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(2, 16, 5, generator=g, dtype=F64), torch.randn(2, 16, generator=g, dtype=F64)
-    w = torch.zeros(5, dtype=F64, requires_grad=True)
-    micro = lambda i: 0.5 * ((x[i] @ w - y[i]) ** 2).mean()  # noqa: E731
-    closure = lambda: (micro(0) + micro(1)) / 2  # noqa: E731
-    h = sum(x[i].T @ x[i] for i in range(2)) / 32  # Hessian of the mean over both micro-batches
+    w, micro, h = micro_batches()
     opt = torch.optim.SGD([w], lr=1e-3)
     gen = GeN(opt, **exact_gen())
+    grads = []
     for _ in range(4):
-        total = 0.0
-        for i in range(2):
-            part = micro(i) / 2
-            part.backward()
-            total += part.detach()
-        gd = w.grad.clone()
-        gen.step(closure, loss=total)
-        opt.zero_grad()
+        gen_accumulated_call(gen, micro, 2, before_step=lambda: grads.append(w.grad.clone()))
+        gd = grads[-1]
         assert gen.lr == pytest.approx((gd @ gd / (gd @ h @ gd)).item(), rel=1e-6)
         assert gen.history[-1]["r2"] == pytest.approx(1.0, abs=1e-9)
 
@@ -144,10 +91,9 @@ def test_init_search_picks_the_grid_lr_with_the_lowest_loss():
     opt = torch.optim.SGD([w], lr=1e-5)
     gen = GeN(opt, probe="same", init_search=True, every=1)
     f = loss_of(h, c, w)
-    loss = f()
-    loss.backward()
-    g = w.grad.clone()
-    gen.step(f, loss=loss.detach())
+    grads = []
+    gen_call(gen, f, before_step=lambda: grads.append(w.grad.clone()))
+    (g,) = grads
     values = [(0.5 * (w0 - e * g) @ h @ (w0 - e * g) - c @ (w0 - e * g)).item() for e in lr_grid()]
     best = lr_grid()[min(range(len(values)), key=values.__getitem__)]
     rec = gen.history[0]
@@ -156,10 +102,7 @@ def test_init_search_picks_the_grid_lr_with_the_lowest_loss():
     torch.testing.assert_close(w.detach(), w0 - best * g, rtol=1e-9, atol=1e-12)
     assert len(rec["losses"]) == len(lr_grid())
     # later probes are ordinary fits
-    opt.zero_grad()
-    loss = f()
-    loss.backward()
-    gen.step(f, loss=loss.detach())
+    gen_call(gen, f)
     assert gen.history[1]["mode"] == "fit"
 
 
@@ -168,9 +111,7 @@ def test_init_search_hits_a_known_optimum_on_the_grid():
     f = lambda: 50.0 * (w**2).sum()  # noqa: E731  Hessian 100·I: best lr along -g is exactly 1e-2
     opt = torch.optim.SGD([w], lr=3e-6)
     gen = GeN(opt, probe="same", init_search=True)
-    loss = f()
-    loss.backward()
-    gen.step(f, loss=loss.detach())
+    gen_call(gen, f)
     assert gen.lr == pytest.approx(1e-2, rel=1e-12)
     assert f().item() == pytest.approx(0.0, abs=1e-20)
 
@@ -220,12 +161,10 @@ def test_horizon_scales_eta_star(horizon):
     opt = torch.optim.SGD([w], lr=0.01)
     gen = GeN(opt, horizon=horizon, total_steps=8, **exact_gen())
     f = loss_of(h, c, w)
+    grads = []
     for t in range(4):
-        loss = f()
-        loss.backward()
-        gd = w.grad.clone()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+        gen_call(gen, f, before_step=lambda: grads.append(w.grad.clone()))
+        gd = grads[-1]
         factor = 1 - t / 8 if horizon == "linear" else (1 + math.cos(math.pi * t / 8)) / 2
         assert gen.history[-1]["horizon"] == pytest.approx(factor)
         assert gen.lr == pytest.approx((gd @ gd / (gd @ h @ gd)).item() * factor, rel=1e-6)
@@ -238,11 +177,9 @@ def test_algorithm1_is_line_9_unclamped_with_the_three_point_fit(gamma):
     gen = GeN.algorithm1(opt, every=1, smoothing=gamma)
     assert gen.probe == "same" and gen.points == (-1.0, 0.0, 1.0) and not gen.slope
     assert gen.max_change is None and gen.horizon is None
-    f = loss_of(h, c, w)
-    loss = f()
-    loss.backward()
-    g, w0 = w.grad.detach().clone(), w.detach().clone()
-    gen.step(f, loss=loss.detach())
+    w0, grads = w.detach().clone(), []
+    gen_call(gen, loss_of(h, c, w), before_step=lambda: grads.append(w.grad.detach().clone()))
+    (g,) = grads
     eta = (g @ g / (g @ h @ g)).item()
     rec = gen.history[0]
     assert rec["points"] == [-1.0, 0.0, 1.0] and rec["r2"] == pytest.approx(1.0, abs=1e-12)

@@ -8,17 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from genloop import F64, gen_call, mse
 from genrun.gen import GeN
 
-F64 = torch.float64
 
-
-
-def one_step(gen, w, f, loss=True):
-    out = f()
-    out.backward()
-    gen.step(f, loss=out.detach() if loss else None)
-    gen.optimizer.zero_grad()
+def one_step(gen, f, loss=True):
+    """One training call; the latest record (None before the first)."""
+    gen_call(gen, f, loss=loss)
     return gen.history[-1] if gen.history else None
 
 
@@ -34,7 +30,7 @@ def test_non_finite_probe_loss_keeps_lr_and_records_why(bad):
         loss = (w**2).sum()
         return loss * bad if len(calls) == 2 else loss  # the first probe forward is call 2
 
-    rec = one_step(gen, w, f)
+    rec = one_step(gen, f)
     assert rec["reason"] == "nonfinite" and not rec["accepted"]
     assert gen.lr == 0.1 and rec["lr_after"] == 0.1
     assert torch.equal(w.detach(), torch.tensor([0.8, -1.6], dtype=F64))  # the plain SGD step
@@ -52,9 +48,9 @@ def test_next_batch_non_finite_probe_cuts_the_step_and_lr_to_a_tenth(bad):
         calls.append(1)
         return (w**2).sum() * (bad if len(calls) == 2 else 1.0)  # call 2: the one probe, at w_{t+1}
 
-    assert one_step(gen, w, f) is None and len(calls) == 2
+    assert one_step(gen, f) is None and len(calls) == 2
     assert torch.equal(w.detach(), torch.lerp(w_t, 0.8 * w_t, 0.1)) and gen.lr == pytest.approx(0.01)
-    rec = one_step(gen, w, f)  # its record, one call later: nothing to measure, the cut lr is kept
+    rec = one_step(gen, f)  # its record, one call later: nothing to measure, the cut lr is kept
     assert rec["step"] == 0 and rec["cut"] == 0.1 and rec["reason"] == "nonfinite" and not rec["accepted"]
     assert rec["lr_after"] == pytest.approx(0.01)
 
@@ -62,16 +58,16 @@ def test_next_batch_non_finite_probe_cuts_the_step_and_lr_to_a_tenth(bad):
 def test_r2_gate_rejects_a_quartic_and_accepts_a_quadratic():
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.01), every=1, probe="same", guard=False)  # slope=True, min_r2=0.99
-    rec = one_step(gen, w, lambda: (w**4).sum())
+    rec = one_step(gen, lambda: (w**4).sum())
     assert rec["reason"] == "r2" and rec["r2"] < 0.99 and gen.lr == 0.01
     # the paper's 3-point fit (slope=False) cannot see it: R² is 1 by construction
     v = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen3 = GeN.algorithm1(torch.optim.SGD([v], lr=0.01), every=1)
-    rec3 = one_step(gen3, v, lambda: (v**4).sum())
+    rec3 = one_step(gen3, lambda: (v**4).sum())
     assert rec3["r2"] == pytest.approx(1.0, abs=1e-12) and rec3["accepted"]
     u = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     genq = GeN(torch.optim.SGD([u], lr=0.01), every=1, probe="same", guard=False)
-    recq = one_step(genq, u, lambda: 5.0 * (u**2).sum())
+    recq = one_step(genq, lambda: 5.0 * (u**2).sum())
     assert recq["accepted"] and recq["r2"] == pytest.approx(1.0, abs=1e-12)
 
 
@@ -86,7 +82,7 @@ def test_curvature_and_slope_gates(probe, loss_fn, reason):
     opt = torch.optim.SGD([w], lr=0.1, maximize=reason in ("slope<=0", "no_descent"))
     gen = GeN(opt, every=1, probe=probe)
     for _ in range(3):
-        one_step(gen, w, lambda: loss_fn(w))
+        one_step(gen, lambda: loss_fn(w))
     assert len(gen.history) == (2 if probe == "next" else 3)
     assert all(r["reason"] == reason and not r["accepted"] for r in gen.history)
     assert gen.lr == 0.1
@@ -99,7 +95,7 @@ def test_zero_step_without_scaler_is_not_measured(probe):
     w = torch.tensor([1.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.0), every=1, probe=probe)
     for _ in range(2):
-        one_step(gen, w, lambda: (w**2).sum())
+        one_step(gen, lambda: (w**2).sum())
     assert gen.lr == 0.0 and w.item() == 1.0
     if probe == "same":
         assert [r["reason"] for r in gen.history] == ["skipped_step"] * 2
@@ -181,11 +177,7 @@ def _resume_run(split=None, steps=20, probe="next"):
             model.load_state_dict(saved["m"])
             opt.load_state_dict(saved["o"])
             gen.load_state_dict(saved["g"])
-        f = lambda: ((model(x[t]).squeeze(1) - y[t]) ** 2).mean()  # noqa: E731
-        loss = f()
-        loss.backward()
-        gen.step(f, loss=loss.detach())
-        opt.zero_grad()
+        gen_call(gen, mse(model, x[t], y[t]))
         lrs.append(gen.lr)
     return lrs, [p.detach() for p in model.parameters()], gen, held
 
@@ -228,7 +220,7 @@ def test_will_probe_and_history_records_are_plain_json(probe):
     seen, counts = [], []
     for _ in range(7):
         seen.append(gen.will_probe)
-        one_step(gen, w, lambda: (w**2).sum())
+        one_step(gen, lambda: (w**2).sum())
         counts.append(len(gen.history))
     assert seen == [True, False, False, True, False, False, True]
     if probe == "same":  # recorded at the probe step
@@ -247,7 +239,7 @@ def test_new_records_returns_those_made_since_a_count(probe):
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, probe=probe, history_size=2)
     seen, logged = [], 0
     for _ in range(6):
-        one_step(gen, w, lambda: (w**2).sum())
+        one_step(gen, lambda: (w**2).sum())
         fresh = gen.new_records(logged)
         assert len(fresh) <= 1 and fresh == gen.history[len(gen.history) - len(fresh):]
         seen += [r["step"] for r in fresh]
@@ -321,7 +313,7 @@ def test_horizon_without_total_steps_is_accepted_and_inert(probe):
     w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, probe=probe, horizon="linear")
     for _ in range(4):
-        one_step(gen, w, lambda: (w**2).sum())
+        one_step(gen, lambda: (w**2).sum())
     assert gen.history and all(r["horizon"] == 1.0 for r in gen.history)
     assert GeN(_opt(), probe=probe).horizon == "cosine"  # the default, inert until total_steps is given
 
@@ -336,7 +328,7 @@ def test_history_size_keeps_the_latest_records_and_counts_all(probe):
     w = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, history_size=3, probe=probe)
     for _ in range(6):
-        one_step(gen, w, lambda: (w**2).sum())
+        one_step(gen, lambda: (w**2).sum())
     made = 5 if probe == "next" else 6  # "next": the last probe is still held
     assert [r["step"] for r in gen.history] == list(range(made - 3, made)) and gen.probes == made
     assert gen.accepted == made
@@ -351,7 +343,7 @@ def test_history_size_keeps_the_latest_records_and_counts_all(probe):
 def test_guard_keeps_the_rate_for_resolvable_negative_curvature():
     w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, guard=True)
-    rec = one_step(gen, w, lambda: -(w**2).sum())
+    rec = one_step(gen, lambda: -(w**2).sum())
     assert rec["reason"] == "curvature<=0" and not rec["grown"] and gen.lr == 0.1
 
 
@@ -369,7 +361,7 @@ def test_from_a_tiny_lr_the_guard_climbs_at_the_clamp_every_probe(guard, offset,
     gen = GeN(torch.optim.SGD(model.parameters(), lr=lr), every=1, guard=guard)
     f = lambda: ((model(x).squeeze(1) - y) ** 2).mean() + offset  # noqa: E731
     for _ in range(12):
-        one_step(gen, None, f)
+        gen_call(gen, f)
     assert any(r["reason"] == reason for r in gen.history)
     if guard:
         assert all(r["accepted"] or r["grown"] for r in gen.history)
@@ -382,7 +374,7 @@ def test_from_a_tiny_lr_the_guard_climbs_at_the_clamp_every_probe(guard, offset,
 def test_zero_step_without_scaler_is_recorded_as_skipped():
     w = torch.tensor([1.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.0), every=1)
-    rec = one_step(gen, w, lambda: (w**2).sum())
+    rec = one_step(gen, lambda: (w**2).sum())
     assert rec["reason"] == "skipped_step" and gen.lr == 0.0
 
 
@@ -392,7 +384,7 @@ def test_guard_caps_a_lagging_rate_at_the_fitted_minimiser(guard):
     # L = w²/2, lr 3: η* = 1, s* = 1/3, but smoothing keeps r = 0.9 + 0.1/3 > 2s*
     w = torch.tensor([1.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=guard)
-    rec = one_step(gen, w, lambda: 0.5 * (w**2).sum())
+    rec = one_step(gen, lambda: 0.5 * (w**2).sum())
     assert rec["accepted"] and rec["guarded"] is guard
     if guard:
         assert rec["ratio"] == pytest.approx(1 / 3, rel=1e-12)
@@ -409,7 +401,7 @@ def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max
     # the probe behind at s = -1 is ~60x L0: no parabola fits, but the fitted one has s* ≈ 0.12
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=guard, max_change=max_change)
-    rec = one_step(gen, w, lambda: (w**4).sum())
+    rec = one_step(gen, lambda: (w**4).sum())
     s_star = rec["beta_s"] / rec["a_s"]
     assert rec["reason"] == "r2" and not rec["guarded"] and 0.1 < s_star < 0.15
     assert rec["shrunk"] is guard
@@ -425,7 +417,7 @@ def _gen_with_a_chosen_rate(w: torch.Tensor, lr: float) -> GeN:
     v = torch.ones(2, dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w, v], lr=lr), every=1, guard=True)
     before = w.detach().clone()
-    rec = one_step(gen, v, lambda: 0.5 / lr * (v**2).sum())
+    rec = one_step(gen, lambda: 0.5 / lr * (v**2).sum())
     assert rec["accepted"] and gen.lr == pytest.approx(lr, rel=1e-9) and torch.equal(w.detach(), before)
     return gen
 
@@ -438,12 +430,12 @@ def test_after_a_cut_accepted_fits_restore_the_rate_up_to_the_one_cut(eta_star):
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen = _gen_with_a_chosen_rate(w, 0.2)
     top = gen.lr
-    cut = one_step(gen, w, lambda: (w**4).sum())
+    cut = one_step(gen, lambda: (w**4).sum())
     assert cut["reason"] == "r2" and cut["guarded"] and gen.lr < 0.1
     assert gen.state_dict()["estimator"]["ceiling"] == top
     for _ in range(6):
         lr = gen.lr
-        rec = one_step(gen, w, lambda: 0.5 / eta_star * (w**2).sum())
+        rec = one_step(gen, lambda: 0.5 / eta_star * (w**2).sum())
         s_star = rec["eta_star"] / lr
         assert rec["accepted"] and rec["eta_star"] == pytest.approx(eta_star, rel=1e-9)
         smoothed = min(0.9 + 0.1 * s_star, 2.0)
@@ -464,16 +456,16 @@ def test_a_cut_restores_at_most_a_rate_a_fit_chose():
     # (restoring a too-high η0 = 10x the default killed one mnist5k network in six, README).
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     fresh = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=True)
-    cut = one_step(fresh, w, lambda: (w**4).sum())
+    cut = one_step(fresh, lambda: (w**4).sum())
     assert cut["guarded"] and not cut["accepted"] and fresh.state_dict()["estimator"]["ceiling"] is None
-    rec = one_step(fresh, w, lambda: 0.5 / 0.15 * (w**2).sum())
+    rec = one_step(fresh, lambda: 0.5 / 0.15 * (w**2).sum())
     smoothed = min(0.9 + 0.1 * rec["eta_star"] / rec["lr_before"], 2.0)
     assert rec["accepted"] and not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed)
     # a fit chose 0.05, a grow (rule 4) or the caller raised the lr to 0.2 since: restore only to 0.05
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen = _gen_with_a_chosen_rate(w, 0.05)
     gen._scale_lrs(4.0)
-    one_step(gen, w, lambda: (w**4).sum())
+    one_step(gen, lambda: (w**4).sum())
     assert gen.lr < 0.05 and gen.state_dict()["estimator"]["ceiling"] == pytest.approx(0.05, rel=1e-9)
 
 
@@ -481,11 +473,12 @@ def test_a_cut_restores_at_most_a_rate_a_fit_chose():
 def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
     w = torch.tensor([1.0], dtype=F64, requires_grad=True)
     capped = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=True)
-    rec = one_step(capped, w, lambda: 0.5 * (w**2).sum())
-    assert rec["accepted"] and rec["guarded"] and capped.state_dict()["estimator"]["ceiling"] is None  # rule 5 bounds it
+    rec = one_step(capped, lambda: 0.5 * (w**2).sum())
+    # rule 5 bounds it
+    assert rec["accepted"] and rec["guarded"] and capped.state_dict()["estimator"]["ceiling"] is None
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     shrunk = _gen_with_a_chosen_rate(w, 0.05)
-    rec = one_step(shrunk, w, lambda: (w**4).sum())
+    rec = one_step(shrunk, lambda: (w**4).sum())
     assert rec["shrunk"] and shrunk.state_dict()["estimator"]["ceiling"] == pytest.approx(0.05, rel=1e-9)
     restored = GeN(torch.optim.SGD([w], lr=0.025), every=1, guard=True)
     restored.load_state_dict(shrunk.state_dict())

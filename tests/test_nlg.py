@@ -16,14 +16,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import GENRUN, scored_in_shares
 from genrun.errors import DataMissing, UserError
 from genrun.parallel import Share
 from genrun.tasks.nlg import E2E, IGNORE, SEPARATOR, Pairs, SyntheticE2E, read_e2e
 from genrun.tasks.nlg_metrics import check_metrics, score
 from genrun.text_models import CausalLM
 from genrun.validate import validate
-
-from conftest import GENRUN, scored_in_shares
 
 # (mr, ref) rows as E2E writes them: an MR repeats once per reference
 ROWS = [
@@ -232,7 +231,8 @@ def test_checkpoints_that_cannot_load_point_to_the_offline_model(tmp_path, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a Hub name fails at once, without the network
     with pytest.raises(UserError, match=r"task.tokenizer=gpt2: cannot load the tokenizer .* use model=gpt2_tiny"):
         SyntheticE2E("gpt2", metrics=COCO_FREE, train_mrs=2, eval_mrs=1).datasets()
-    with pytest.raises(UserError, match=r"model.pretrained=.*: cannot load the model from a local directory.*gpt2_tiny"):
+    message = r"model.pretrained=.*: cannot load the model from a local directory.*gpt2_tiny"
+    with pytest.raises(UserError, match=message):
         CausalLM(64, 8, pretrained=str(tmp_path))
 
 
@@ -319,7 +319,8 @@ def test_table3_presets_compose_every_row(compose_cfg):
             else:
                 assert "gen" not in cfg.optim and cfg.sched._target_ == f"genrun.sched.{row}"
     cfg = compose_cfg(["+experiment=table3"])
-    assert (cfg.model.pretrained, cfg.model.finetune, cfg.trainer.batch_size, cfg.trainer.epochs) == ("gpt2", "lora", 256, 5)
+    assert (cfg.model.pretrained, cfg.model.finetune) == ("gpt2", "lora")
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (256, 5)
     assert (cfg.task.beams, cfg.task.length_penalty, cfg.task.no_repeat_ngram) == (10, 0.9, 4)
 
 
@@ -331,7 +332,7 @@ def test_gen_adamw_trains_lora_on_e2e_files_and_scores_every_metric(genrun, tmp_
     run = tmp_path / "run"
     proc = genrun("task=e2e", f"task.data_dir={tmp_path / 'e2e'}", "task.beams=2", "model=gpt2",
                   f"model.pretrained={tiny_gpt2}", "optim=gen_adamw", "optim.gen.every=1", "trainer.epochs=1",
-                  *TINY, f"hydra.run.dir={run}", timeout=600)
+                  *TINY, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 3
@@ -356,7 +357,7 @@ def test_a_gpt2_from_scratch_learns_the_synthetic_restaurants(genrun, tmp_path, 
     proc = genrun("task=synthetic_e2e", "model=gpt2_tiny", f"model.tokenizer={tiny_gpt2}", "model.width=64",
                   "task.train_mrs=100", "task.eval_mrs=20", f"task.metrics={COCO_FREE}".replace("'", ""),
                   "optim=adamw", "optim.lr=3e-3", "trainer.epochs=4", "trainer.threads=2", "trainer.progress=off",
-                  "logger=none", "trainer.batch_size=16", f"hydra.run.dir={run}", timeout=600)
+                  "logger=none", "trainer.batch_size=16", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["kind"] == "train"]
@@ -375,7 +376,7 @@ def test_two_processes_evaluate_generation_as_one_does(genrun, tmp_path, tiny_gp
                       "task.train_mrs=8", "task.eval_mrs=5", "task.max_new_tokens=8",
                       f"task.metrics={COCO_FREE}".replace("'", ""), "optim=adamw", "optim.lr=1e-12",
                       "trainer.max_steps=1", "trainer.batch_size=4", f"trainer.devices={devices}",
-                      "trainer.progress=off", "logger=none", f"hydra.run.dir={run}", timeout=300)
+                      "trainer.progress=off", "logger=none", f"hydra.run.dir={run}")
         assert proc.returncode == 0, proc.stderr
         finals.append(json.loads((run / "summary.json").read_text())["final"])
     assert finals[1].keys() == finals[0].keys() == {"dev", "test"}
@@ -388,7 +389,7 @@ def test_table3_report_from_an_offline_sweep(genrun, tmp_path):
     proc = genrun("-m", "+experiment=table3_offline", "task.train_mrs=8", "task.eval_mrs=3",
                   f"task.metrics={COCO_FREE}".replace("'", ""), "task.max_new_tokens=4", "model.width=16",
                   "model.heads=2", "trainer.max_steps=2", "trainer.batch_size=8", "hydra/launcher=basic", "seed=0",
-                  "experiment/table3_row=gen,linear", f"hydra.sweep.dir={sweep}", timeout=600)
+                  "experiment/table3_row=gen,linear", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
     report = subprocess.run([str(GENRUN.with_name("genrun-report")), str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr

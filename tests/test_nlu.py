@@ -16,13 +16,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import GENRUN, scored_in_shares
 from genrun.errors import DataMissing, UserError
 from genrun.hf import resolve_pretrained
-from genrun.text_models import TextClassifier
 from genrun.tasks.nlu import GLUE, NEGATIVE, POSITIVE, Glue, SyntheticSentiment, read_glue, scores
+from genrun.text_models import TextClassifier
 from genrun.validate import validate
-
-from conftest import GENRUN, scored_in_shares
 
 WORDS = sorted({*POSITIVE, *NEGATIVE, "the", "movie", "plot", "was", "not", "very", "what", "a", "is", "good", "bad",
                 "cat", "dog", "sat", "on", "mat", "\"quoted\"", "."})
@@ -324,7 +323,8 @@ def test_warmup_linear_rises_then_decays_to_zero():
     values = [warmup_linear(t, 100, warmup=0.1) for t in range(101)]
     assert values[0] == 0.0 and values[5] == pytest.approx(0.5) and values[10] == pytest.approx(1.0)
     assert values[55] == pytest.approx(0.5) and values[100] == 0.0
-    assert all(a <= b for a, b in zip(values[:10], values[1:11])) and all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert all(a <= b for a, b in zip(values[:10], values[1:11]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
 TINY = ["trainer.progress=off", "logger=none", "trainer.batch_size=4"]
@@ -360,8 +360,7 @@ def test_minilm_learns_the_synthetic_reviews_with_lora(genrun, tmp_path):
     run = tmp_path / "run"
     proc = genrun("task=synthetic_sentiment", "task.train_size=256", "task.eval_size=200", "model=minilm",
                   "model.finetune=lora", "optim=adamw", "optim.lr=5e-3", "trainer.epochs=3", "trainer.threads=2",
-                  "trainer.progress=off", "logger=none", "trainer.batch_size=32", f"hydra.run.dir={run}",
-                  timeout=600)
+                  "trainer.progress=off", "logger=none", "trainer.batch_size=32", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     final = json.loads((run / "summary.json").read_text())["final"]
     assert final["dev"]["acc"] > 0.9, final  # chance is 0.5; 24 LoRA steps from the pretrained encoder

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GENRUN, scored_in_shares
+from conftest import GENRUN, PATIENCE, scored_in_shares
 from genrun.checkpoint import rng_of
 from genrun.errors import UserError
 from genrun.runtime import EpochBatches
@@ -71,7 +71,7 @@ def test_two_processes_train_as_one_does(genrun, tmp_path, accum):
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     torchrun = GENRUN.with_name("torchrun")
     return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "genrun.cli", *args], cwd=cwd,
-                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=PATIENCE)
 
 
 def test_torchrun_processes_share_one_run_dir_and_train_as_one_does(genrun, tmp_path):
@@ -215,14 +215,14 @@ def test_killing_the_launcher_ends_its_processes(tmp_path):
                             cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE
         while time.time() < deadline and not (run_dir / "ckpt.pt").exists():  # the processes are training
             time.sleep(0.05)
         workers = _children(proc.pid)
         assert len(workers) >= 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.time() + 10
+        deadline = time.time() + PATIENCE
         while time.time() < deadline and any(map(_stat, workers)):
             time.sleep(0.05)
         assert not any(map(_stat, workers))
@@ -237,19 +237,19 @@ def test_sigterm_to_the_launcher_stops_its_processes_and_records_the_run_as_inte
                             cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE
         while time.time() < deadline and not (run_dir / "ckpt.pt").exists():
             time.sleep(0.05)
         workers = _children(proc.pid)
         os.kill(proc.pid, signal.SIGTERM)  # `timeout` and some schedulers signal only the process they started
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=PATIENCE)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == f"genrun: stopped by SIGTERM; continue with: genrun trainer.resume={run_dir}"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    deadline = time.time() + 10
+    deadline = time.time() + PATIENCE
     while time.time() < deadline and any(map(_stat, workers)):  # multiprocessing's resource tracker, too
         time.sleep(0.05)
     assert not any(map(_stat, workers))
@@ -280,7 +280,7 @@ def test_a_diverging_two_process_run_stops_in_every_process(genrun, tmp_path):
     # the loss every process checks is the mean over processes: all stop at the same step
     run_dir = tmp_path / "run"
     proc = genrun("optim=sgd", "optim.lr=3.0", "optim.momentum=0.99", "trainer.ckpt_every=1", "trainer.devices=2",
-                  *QUIET, f"hydra.run.dir={run_dir}", timeout=120)
+                  *QUIET, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["devices"] == 2

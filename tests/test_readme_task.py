@@ -9,7 +9,7 @@ import re
 import shlex
 import subprocess
 
-from conftest import GENRUN, ROOT
+from conftest import GENRUN, PATIENCE, ROOT
 
 HEADING = "## Your own task and model"
 
@@ -44,7 +44,7 @@ def test_readme_task_and_model_train_from_the_users_folder(tmp_path):
     assert words[0] == "genrun"
     run = tmp_path / "run"
     proc = subprocess.run([str(GENRUN), *words[1:], "trainer.progress=off", f"hydra.run.dir={run}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final"]["test"]["acc"] >= 0.9, summary["final"]
@@ -53,7 +53,7 @@ def test_readme_task_and_model_train_from_the_users_folder(tmp_path):
     # the same command without the folder on PYTHONPATH: one line that says so, and no run dir
     env.pop("PYTHONPATH")
     proc = subprocess.run([str(GENRUN), *words[1:], f"hydra.run.dir={tmp_path / 'lost'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "genrun: error: task._target_=mytask.Wine cannot be imported (ModuleNotFoundError(\"No module named "
         "'mytask'\")): install its package, or put its folder on PYTHONPATH (e.g. PYTHONPATH=. genrun ...)"]

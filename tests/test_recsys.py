@@ -12,14 +12,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import GENRUN, options
 from genrun.errors import DataMissing, UserError
 from genrun.models import BERT4Rec
 from genrun.report import table7
 from genrun.tasks.recsys import (
-    ClozeSequences, MovieLens1M, RankingSet, SyntheticSequences, popularity_negatives, ranking_metrics,
+    ClozeSequences,
+    MovieLens1M,
+    RankingSet,
+    SyntheticSequences,
+    popularity_negatives,
+    ranking_metrics,
 )
-
-from conftest import GENRUN, options
 
 
 def write_ratings(root, rows) -> None:
@@ -275,7 +279,7 @@ def test_table7_offline_sweep_and_its_report(genrun, tmp_path):
     sweep = tmp_path / "sweep"
     proc = genrun("-m", "+experiment=table7_offline", "hydra/launcher=basic", "seed=0,1", "task.users=40",
                   "trainer.epochs=2", "model.hidden=16", "model.layers=1", "table7.batch.large=16",
-                  "table7.batch.small=8", f"hydra.sweep.dir={sweep}", timeout=600)
+                  "table7.batch.small=8", f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
     report = subprocess.run([str(GENRUN.with_name("genrun-report")), str(sweep)], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
@@ -345,11 +349,12 @@ def test_table7_curves_count_epochs_from_the_log_not_the_config(tmp_path):
     from genrun.report.runs import Run
 
     def run(steps: int, per_epoch: int) -> Run:
-        records = [{"kind": "train", "step": s, "epoch": (s - 1) // per_epoch, "lr": [0.1]} for s in range(1, steps + 1)]
+        records = [{"kind": "train", "step": s, "epoch": (s - 1) // per_epoch, "lr": [0.1]}
+                   for s in range(1, steps + 1)]
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         # the config says 100 epochs, but trainer.max_steps stopped the run: the log knows the epoch length
         made = Run(tmp_path, OmegaConf.create({"trainer": {"epochs": 100, "max_steps": steps}}), {"total_steps": steps})
-        made.records  # read now: the next call rewrites the file
+        _ = made.records  # read now: the next call rewrites the file
         return made
 
     assert table7.steps_per_epoch(run(steps=25, per_epoch=7)) == 7

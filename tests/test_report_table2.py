@@ -9,11 +9,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from genrun.report import main as report_main
-from genrun.report import table2
-from genrun.validate import validate
-
 from conftest import CONF
+from genrun.report import main as report_main, table2
+from genrun.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,8 @@ def test_table2_cells_compose_as_the_paper_says(compose_many, tmp_path):
     # that covers each cell's parts (a compose costs ~0.3 s; all 84 would dominate the suite).
     rows = sweep_axes("table2")[1]
     cells = [(t, r) for t in ("cifar10", "places365", "inat2021") for r in rows]
-    cells += [(t, r) for t in table2.DATASETS if t not in ("cifar10", "places365", "inat2021") for r in ("gen_sgd", "gen_adamw")]
+    cells += [(t, r) for t in table2.DATASETS if t not in ("cifar10", "places365", "inat2021")
+              for r in ("gen_sgd", "gen_adamw")]
     for task, row in cells:
         cfg = compose_many(["+experiment=table2", f"task={task}", f"experiment/table2_row={row}",
                            f"task.data_dir={tmp_path}"])
@@ -68,7 +67,8 @@ def test_table2_cells_compose_as_the_paper_says(compose_many, tmp_path):
             assert cfg.optim.gen.horizon == ("linear" if task in ("places365", "inat2021") else "none")  # C.7
         if row == "dadapt_sgd":
             assert cfg.optim.weight_decay == 0.0
-        assert cfg.sched._target_.rsplit(".", 1)[-1] == ({"linear": "linear", "cosine": "cosine"}.get(row.split("_")[-1], "constant"))
+        schedule = {"linear": "linear", "cosine": "cosine"}.get(row.split("_")[-1], "constant")
+        assert cfg.sched._target_.rsplit(".", 1)[-1] == schedule
         instantiate(cfg.task)  # builds without reading data
 
 
@@ -85,7 +85,8 @@ def test_every_offline_cell_composes_and_builds(compose_many, task):
         assert cfg.model._target_ == "genrun.models.SmallCNN" and cfg.trainer.batch_size == 64
         assert cfg.trainer.epochs == PRESETS["table2_offline"].table2.epochs[task]  # per-task length resolves
         if row.startswith("gen_"):
-            # the rows' fallback repeats conf/optim/gen/default.yaml's horizon (YAML cannot point at it): keep them equal
+            # the rows' fallback repeats conf/optim/gen/default.yaml's horizon (YAML cannot point at it):
+            # keep them equal
             default = compose_many(["optim=gen_sgd"]).optim.gen.horizon
             assert cfg.optim.gen.horizon == default == "cosine"  # unlike the paper-scale preset
         build_optimizer(cfg.optim, instantiate(cfg.model))

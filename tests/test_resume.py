@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from conftest import GENRUN
+from conftest import GENRUN, PATIENCE
 
 ARGS = ["trainer.epochs=8", "trainer.batch_size=32", "trainer.ckpt_every=7", "trainer.progress=off", "seed=5"]
 
@@ -23,7 +23,7 @@ def _kill_after_a_checkpoint(run_dir, env, cwd) -> int:
     proc = subprocess.Popen([str(GENRUN), *ARGS, f"hydra.run.dir={run_dir}"], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE
         while time.time() < deadline and proc.poll() is None:
             ckpt = run_dir / "ckpt.pt"
             if ckpt.exists():
@@ -72,11 +72,11 @@ def test_ctrl_c_records_an_interrupted_run_that_resume_finishes(genrun, tmp_path
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE
         while time.time() < deadline and not (run_dir / "ckpt.pt").exists():
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=PATIENCE)
     finally:
         if proc.poll() is None:
             proc.kill()

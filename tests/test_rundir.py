@@ -9,8 +9,8 @@ import signal
 
 import pytest
 import torch
-from conftest import tree
 
+from conftest import tree
 from genrun import atomic, checkpoint, rundir, stop
 from genrun.errors import UserError
 

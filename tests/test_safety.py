@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GENRUN, tree
+from conftest import GENRUN, PATIENCE, tree
 
 QUIET = ["trainer.progress=off", "logger=none"]
 RUN = ["trainer.max_steps=4", "trainer.ckpt_every=2", "seed=3", *QUIET]
@@ -39,7 +39,7 @@ def finished(tmp_path_factory) -> Path:
     """A run that trained all its steps, checkpointed at steps 2 and 4; tests work on copies."""
     run = tmp_path_factory.mktemp("finished") / "run"
     proc = subprocess.run([str(GENRUN), *RUN, f"hydra.run.dir={run}"], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr
     return run
 
@@ -119,7 +119,7 @@ def test_runs_started_at_once_get_a_dir_each_and_a_dir_in_use_is_refused(genrun,
                                "hydra.run.dir=out/${now:%Y}"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
     for proc in procs:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=PATIENCE)
         assert proc.returncode == 0, err
     year = time.strftime("%Y")
     dirs = sorted((tmp_path / "out").iterdir())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import PATIENCE
 from genrun.sinks import CsvSink, JsonlSink, NullSink, Sink, WandbSink, build_sink, wandb_payload
 
 LOGGER_CONF = Path(__file__).resolve().parents[1] / "conf" / "logger"
@@ -196,7 +197,7 @@ def _wandb_records(path: Path):
             yield rec
 
 
-def _read_run(run_dir: Path, timeout: float = 30.0) -> dict:
+def _read_run(run_dir: Path, timeout: float = PATIENCE) -> dict:
     """Parse the offline run under run_dir/wandb. run.finish() only *informs* the
     wandb-core service (fire-and-forget); its writer flushes the .wandb file a
     moment later, so poll until the exit record is there."""

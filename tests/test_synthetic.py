@@ -92,7 +92,8 @@ def test_grid_preset_is_the_papers_protocol():
     params = cfg.hydra.sweeper.params
     assert params["task"].split(",") == ["rosenbrock", "beale"]
     # the paper's Section 5 SGD is plain gradient descent (B.1 names no momentum)
-    grid = ["sgd_plain", "adam", "adagrad", "rmsprop", "adabelief", "adahessian", "gen_sgd_plain", "gen_adam", "gen_adagrad"]
+    grid = ["sgd_plain", "adam", "adagrad", "rmsprop", "adabelief", "adahessian",
+            "gen_sgd_plain", "gen_adam", "gen_adagrad"]
     assert sorted(params["optim"].split(",")) == sorted(grid)
     lrs = sorted(float(v) for v in params["optim.lr"].split(","))
     assert lrs == sorted(m * 10.0**-k for k in range(6) for m in (1, 2, 5))

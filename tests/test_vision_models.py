@@ -44,7 +44,8 @@ def test_a_local_vit_file_loads_at_another_image_size(tmp_path):
     (lambda tmp: resnet("resnet18", pretrained=str(tmp / "absent.pt")), "no such file"),
     (lambda tmp: (tmp / "junk.pt").write_text("not weights") and resnet("resnet18", pretrained=str(tmp / "junk.pt")),
      "not a readable weights file"),
-    (lambda tmp: torch.save(resnet("resnet18").state_dict(), tmp / "r18.pt") or resnet("resnet34", pretrained=str(tmp / "r18.pt")),
+    (lambda tmp: (torch.save(resnet("resnet18").state_dict(), tmp / "r18.pt")
+                  or resnet("resnet34", pretrained=str(tmp / "r18.pt"))),
      "weights do not fit ResNet"),
 ])
 def test_a_bad_weights_file_is_one_line(tmp_path, make, message):

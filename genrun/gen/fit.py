@@ -15,8 +15,8 @@ i.e. the ratio ``η*/η``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 REASONS = ("nonfinite", "degenerate", "curvature<=0", "slope<=0", "r2", "skipped_step")
 

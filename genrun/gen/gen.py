@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +109,7 @@ class GeN:
 
     @classmethod
     def algorithm1(cls, optimizer: torch.optim.Optimizer, *, every: int = 4, smoothing: float = 0.9,
-                   **kwargs: Any) -> "GeN":
+                   **kwargs: Any) -> GeN:
         """Algorithm 1 as printed: probes at ``{-η, 0, η}`` on the training batch, the three-point
         fit (its R² is 1 by construction), ``A > 0, b > 0, R² > 0.99``, ``η ← γη + (1-γ)η*`` with no
         clamp and no horizon, and this step rescaled to the new lr.  ``kwargs``: ``model``,

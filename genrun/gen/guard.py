@@ -16,7 +16,8 @@ In the order :meth:`genrun.gen.samebatch.SameBatch.decide` applies them (each a 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

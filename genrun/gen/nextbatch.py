@@ -26,8 +26,9 @@ along it, ``ΔL(s) = L(w_t - s·δ) - L(w_t) ≈ (a/2)·s² - β·s`` with ``a =
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -99,7 +100,7 @@ class HeldStep:
                 "numbers": [self.lr, self.a, self.beta, self.dd, self.resolved], "record": dict(self.record)}
 
     @classmethod
-    def restore(cls, state: dict[str, Any], params: Sequence[Tensor]) -> "HeldStep":
+    def restore(cls, state: dict[str, Any], params: Sequence[Tensor]) -> HeldStep:
         mine = [params[i] for i in state["index"]]
         deltas = [d.to(p.device, p.dtype) for d, p in zip(state["deltas"], mine)]
         lr, a, beta, dd, resolved = state["numbers"]
@@ -171,7 +172,7 @@ class NextBatch:
         self.avg = Averages()
         self.held: HeldStep | None = None
 
-    def step(self, gen: "GeN", t: int, closure: Callable[[], Any], loss: Any, replay: dict[str, Any] | None) -> None:
+    def step(self, gen: GeN, t: int, closure: Callable[[], Any], loss: Any, replay: dict[str, Any] | None) -> None:
         held, self.held = self.held, None
         if held is not None:  # the last probe step's slope on this call's batch sets this step's lr
             gen._record(self.measure(gen, held))
@@ -198,7 +199,7 @@ class NextBatch:
         self.held = HeldStep(snap.params, snap.keep_delta(), lr * r, r * r * own.a, r * own.beta, r * r * own.dd,
                              own.resolved, record)
 
-    def probe(self, gen: "GeN", closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
+    def probe(self, gen: GeN, closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
               replay: dict[str, Any] | None) -> OwnBatch | None:
         """L_B(1) on the step's own batch (one forward), with L0 and β_B; None for a step not taken."""
         params = snap.params
@@ -217,7 +218,7 @@ class NextBatch:
         ref = loss if isinstance(loss, Tensor) and loss.is_floating_point() else params[0]
         return OwnBatch(l0, l1, beta, dd, LOSS_ULPS * torch.finfo(ref.dtype).eps * abs(l0))
 
-    def measure(self, gen: "GeN", held: HeldStep) -> dict[str, Any]:
+    def measure(self, gen: GeN, held: HeldStep) -> dict[str, Any]:
         """Fold the held step's held-out slope into the averages and set the lr; the probe's record."""
         lr0, eta, a = gen.lr, held.lr, held.a
         rec = {**held.record, "lr_after": lr0, "ratio": 1.0, "a_s": a, "beta_own": held.beta, "beta_s": None,
@@ -243,12 +244,12 @@ class NextBatch:
                    eta_star=eta * beta / a if a else None, eta_own=eta * held.beta / a if a else None)
         return rec
 
-    def state_dict(self, gen: "GeN") -> dict[str, Any]:
+    def state_dict(self, gen: GeN) -> dict[str, Any]:
         index = {id(p): i for i, p in enumerate(gen._all_params())}
         return {"averages": [self.avg.b, self.avg.b_own, self.avg.A, self.avg.count],
                 "held": self.held.state(index) if self.held is not None else None}
 
-    def load_state_dict(self, gen: "GeN", state: dict[str, Any]) -> None:
+    def load_state_dict(self, gen: GeN, state: dict[str, Any]) -> None:
         b, b_own, A, count = state.get("averages", (0.0, 0.0, 0.0, 0))
         self.avg = Averages(float(b), float(b_own), float(A), int(count))
         held = state.get("held")

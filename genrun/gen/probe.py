@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,7 @@ class ProbeScope:
         self._rng: dict[str, Any] | None = None
         self._dirty = False
 
-    def __enter__(self) -> "ProbeScope":
+    def __enter__(self) -> ProbeScope:
         self._rng = rng_state()
         if self.model is not None:
             with torch.no_grad():

@@ -13,7 +13,8 @@ a > 0, β > 0 and R² ≥ ``min_r2`` (line 8), move the lr to ``γη + (1-γ)·h
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -21,7 +22,14 @@ from torch import Tensor
 from .exact import curvature_along
 from .fit import ParabolaFit, fit_parabola, horizon_factor, smoothed_ratio, why_rejected
 from .guard import (
-    GUARD_TRIES, LOSS_ULPS, backtrack, backtrack_ratio, grown_ratio, guarded_ratio, kept_ratio, recovered_ratio,
+    GUARD_TRIES,
+    LOSS_ULPS,
+    backtrack,
+    backtrack_ratio,
+    grown_ratio,
+    guarded_ratio,
+    kept_ratio,
+    recovered_ratio,
     shrunk_ratio,
 )
 from .probe import ProbeScope, as_loss, probe_losses
@@ -40,7 +48,7 @@ class SameBatch:
         self.ceiling: float | None = None  # the lr before the guard's latest cut, until regained
         self.chosen: float | None = None   # the lr the latest accepted fit chose
 
-    def step(self, gen: "GeN", t: int, closure: Callable[[], Any], loss: Any, replay: dict[str, Any] | None) -> None:
+    def step(self, gen: GeN, t: int, closure: Callable[[], Any], loss: Any, replay: dict[str, Any] | None) -> None:
         if t % gen.every != 0:
             gen._base_step()
             return
@@ -52,7 +60,7 @@ class SameBatch:
         finally:
             snap.release()
 
-    def probe(self, gen: "GeN", t: int, closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
+    def probe(self, gen: GeN, t: int, closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
               replay: dict[str, Any] | None) -> dict[str, Any]:
         lr0 = gen.lr
         searching = gen.init_search and not self.search_done
@@ -95,7 +103,7 @@ class SameBatch:
         rec.update(ratio=r, lr_after=gen.lr)
         return rec
 
-    def fit(self, gen: "GeN", rec: dict[str, Any], closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
+    def fit(self, gen: GeN, rec: dict[str, Any], closure: Callable[[], Any], loss: Any, snap: StepSnapshot,
             scope: ProbeScope, head: Tensor, device: torch.device, lr0: float) -> float:
         pts = list(gen.points)
         evals = [s for s in pts if not (s == 0.0 and loss is not None)]
@@ -120,7 +128,7 @@ class SameBatch:
                 closure, snap.place, scope, device, r, l0, fit.beta, lambda v: gen._reduce(v, 0)[0], GUARD_TRIES)
         return r
 
-    def exact(self, gen: "GeN", rec: dict[str, Any], closure: Callable[[], Any], snap: StepSnapshot,
+    def exact(self, gen: GeN, rec: dict[str, Any], closure: Callable[[], Any], snap: StepSnapshot,
               scope: ProbeScope, head: Tensor, lr0: float) -> float:
         snap.place(0.0)
         l0_t, a_t = curvature_along(closure, snap.params, snap.deltas(), scope, gen.model)
@@ -133,7 +141,7 @@ class SameBatch:
         finite = math.isfinite(l0) and math.isfinite(beta) and math.isfinite(a)
         return self.decide(gen, rec, fit, why_rejected(fit, finite, None), [], [], l0, lr0)
 
-    def decide(self, gen: "GeN", rec: dict[str, Any], fit: ParabolaFit, reason: str | None, pts: list[float],
+    def decide(self, gen: GeN, rec: dict[str, Any], fit: ParabolaFit, reason: str | None, pts: list[float],
                losses: list[float], l0: float, lr0: float, resolution: float = 0.0) -> float:
         """Record the fit; this step's multiplier r: line 9 if accepted, else 1, unless the guard acts."""
         eta = lr0 if lr0 != 0 else math.nan
@@ -156,9 +164,9 @@ class SameBatch:
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
 
-    def state_dict(self, gen: "GeN") -> dict[str, Any]:
+    def state_dict(self, gen: GeN) -> dict[str, Any]:
         return {"search_done": self.search_done, "ceiling": self.ceiling, "chosen": self.chosen}
 
-    def load_state_dict(self, gen: "GeN", state: dict[str, Any]) -> None:
+    def load_state_dict(self, gen: GeN, state: dict[str, Any]) -> None:
         self.search_done = bool(state.get("search_done", False))
         self.ceiling, self.chosen = state.get("ceiling"), state.get("chosen")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import Any
 
 HORIZONS = (None, "none", "linear", "cosine")
 

@@ -153,7 +153,8 @@ def render_markdown(cells: dict[str, dict[str, Row]]) -> str:
         target = TARGET[label.split(" ")[0]]
         verdict = "met" if score >= target else f"missed by {target - score:.3f}"
         lines.append(f"- {_title(label)}: {score:.3f} on {cell} (target {target}: {verdict})")
-    lines += ["", f"Collapsed GeN runs (diverged, or at chance / popularity / the starting objective): {total_collapsed}."]
+    lines += ["", "Collapsed GeN runs (diverged, or at chance / popularity / the starting objective): "
+                  f"{total_collapsed}."]
     return "\n".join(lines) + "\n"
 
 
@@ -197,5 +198,6 @@ def scores(runs: list[Run]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for cell, rows in collect(runs).items():
         tuned = tuned_best(rows)
-        out[cell] = {label: (r.mean, r.score(tuned[1]) if tuned else math.nan, r.collapsed) for label, r in rows.items()}
+        out[cell] = {label: (r.mean, r.score(tuned[1]) if tuned else math.nan, r.collapsed)
+                     for label, r in rows.items()}
     return out

@@ -6,10 +6,11 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -139,7 +140,8 @@ def train_series(run: Run, keys: tuple[str, ...]) -> list[tuple[int, tuple[Any, 
     ]
 
 
-def group_runs(runs: list[Run], key: Callable[[Run], Hashable | None], order: Sequence[Hashable]) -> dict[Any, list[Run]]:
+def group_runs(runs: list[Run], key: Callable[[Run], Hashable | None],
+               order: Sequence[Hashable]) -> dict[Any, list[Run]]:
     """Runs grouped by `key(run)` (None: not part of the table), groups in `order`, unknown keys last."""
     groups: dict[Any, list[Run]] = defaultdict(list)
     for run in runs:

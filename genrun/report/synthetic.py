@@ -110,7 +110,8 @@ class Curve:
 
     def key(self) -> tuple:
         never = math.inf
-        return (self.final, *[(self.reached(t) if self.reached(t) is not None else never) for t in reversed(THRESHOLDS)])
+        return (self.final,
+                *[(self.reached(t) if self.reached(t) is not None else never) for t in reversed(THRESHOLDS)])
 
 
 def curves(runs: list[Run]) -> list[Curve]:

@@ -64,7 +64,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("dog", "DoG †", "adamw"),
 ]
 LABEL = {row: label for row, label, _ in ROWS}
-GRID_ROWS = {"sgd": ["sgd_constant", "sgd_linear", "sgd_cosine"], "adamw": ["adamw_constant", "adamw_linear", "adamw_cosine"]}
+GRID_ROWS = {"sgd": ["sgd_constant", "sgd_linear", "sgd_cosine"],
+             "adamw": ["adamw_constant", "adamw_linear", "adamw_cosine"]}
 GEN_ROWS = {"sgd": "gen_sgd", "adamw": "gen_adamw"}
 
 
@@ -176,7 +177,8 @@ def render_markdown(cells: dict[tuple[str, str], dict[str, Cell]]) -> str:
     lines += ["", "Learning rates behind each cell:", ""]
     lines += ["| optimizer | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row, label, _ in rows:
-        lines.append(f"| {label} | " + " | ".join(shown[(t, row)][1] if (t, row) in shown else "" for t in columns) + " |")
+        values = (shown[(t, row)][1] if (t, row) in shown else "" for t in columns)
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
     checks = render_checks(cells, columns)
     if checks:
         lines += ["", *checks]
@@ -216,7 +218,8 @@ def render_checks(cells: dict[tuple[str, str], dict[str, Cell]], columns: list[s
                     spread = f"{abs(hi.acc - lo.acc):.2f}"
                     spread_ok = "yes" if abs(hi.acc - lo.acc) <= 1.0 else "no"
             out.append(
-                f"| {task} | {LABEL[gen_row]} | {default.text()} | {tuned.acc:.2f} ({_row_of(cells, task, tuned)}, lr {tuned.lr:g}) "
+                f"| {task} | {LABEL[gen_row]} | {default.text()} "
+                f"| {tuned.acc:.2f} ({_row_of(cells, task, tuned)}, lr {tuned.lr:g}) "
                 f"| {gap} | {'yes' if ok else 'no'} | {lr_span} | {spread} | {spread_ok} |"
             )
     if not out:
@@ -224,7 +227,8 @@ def render_checks(cells: dict[tuple[str, str], dict[str, Cell]], columns: list[s
     return [
         "## Checks: GeN against grid-tuned schedules, and GeN's starting lr",
         "",
-        "| data set | optimizer | GeN (default η0) | best grid-tuned schedule | gap | within 0.5 | GeN starting lrs | acc spread | within 1 |",
+        "| data set | optimizer | GeN (default η0) | best grid-tuned schedule | gap | within 0.5 "
+        "| GeN starting lrs | acc spread | within 1 |",
         "|---|---|---|---|---|---|---|---|---|",
         *out,
     ]

@@ -13,6 +13,7 @@ row, from the first seed.
 from __future__ import annotations
 
 from pathlib import Path
+
 from genrun.report.runs import Run, group_runs, lr_and_loss_figure, mean_spread, write_report
 
 ROWS = {"gen": "GeN-AdamW", "linear": "linear decay", "cosine": "cosine decay", "constant": "constant",

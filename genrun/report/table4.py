@@ -96,8 +96,9 @@ def render_figure(rows: dict[tuple[str, str], list[Run]], path: Path) -> Path:
         run = next((r for r in members if r.select("task.name") == first_task), None)
         if run is None:
             continue
+        # log axis: warm-up's 0 is off it
         points = [(rec["step"], rec["lr"][0]) for rec in run.records
-                  if rec.get("kind") == "train" and rec.get("lr") and rec["lr"][0] > 0]  # log axis: warm-up's 0 is off it
+                  if rec.get("kind") == "train" and rec.get("lr") and rec["lr"][0] > 0]
         style = {"gen": "-", "gen_next": ":"}.get(row, "--")
         ax.plot([s for s, _ in points], [lr for _, lr in points], style,
                 label=f"{METHODS.get(method, method)}, {ROWS.get(row, row)}")

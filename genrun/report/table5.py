@@ -55,7 +55,8 @@ def render_markdown(rows: dict[str, list[Run]]) -> str:
             seeds = f"{len(members)}" + (f" ({diverged} diverged)" if diverged else "")
             lines.append(f"| {LABEL.get(row, row)} | {seeds} | "
                          + " | ".join(cell(members, f"{iou}_{m}") for m in METRICS) + " |")
-        lines += ["", "The paper (Penn-Fudan, COCO-pretrained ResNet-50):", "", header, "|" + "---|" * (len(METRICS) + 2)]
+        lines += ["", "The paper (Penn-Fudan, COCO-pretrained ResNet-50):", "", header,
+                  "|" + "---|" * (len(METRICS) + 2)]
         for row, values in PAPER[iou].items():
             lines.append(f"| {LABEL[row]} | | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in values) + " |")
         lines.append("")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +123,8 @@ class GenerationTask(Task):
     def __init__(self, tokenizer: str, max_length: int = 128, metrics: list[str] | tuple[str, ...] = METRICS,
                  beams: int = 1, max_new_tokens: int = 64, no_repeat_ngram: int = 0, length_penalty: float = 1.0,
                  label_smoothing: float = 0.0, decode_limit: int | None = None) -> None:
-        for key, value, low in (("max_length", max_length, 8), ("beams", beams, 1), ("max_new_tokens", max_new_tokens, 1)):
+        for key, value, low in (("max_length", max_length, 8), ("beams", beams, 1),
+                                ("max_new_tokens", max_new_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 raise UserError(f"task.{key}={value} is invalid: must be an integer >= {low}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -186,7 +188,8 @@ class GenerationTask(Task):
         whole, index, count = share_of(loader.dataset)  # texts: every count-th MR, decoded once
         chosen = range(index, self.decoded(whole), count)
         texts = self.decode(model, whole, loader.batch_size, to_device, chosen)
-        return {"loss": total, "tokens": tokens, "texts": [(g, text, whole.groups[g][1]) for g, text in zip(chosen, texts)]}
+        return {"loss": total, "tokens": tokens,
+                "texts": [(g, text, whole.groups[g][1]) for g, text in zip(chosen, texts)]}
 
     def score(self, parts: list[dict[str, Any]]) -> dict[str, float]:
         loss = sum(p["loss"] for p in parts) / max(sum(p["tokens"] for p in parts), 1)

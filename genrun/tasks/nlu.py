@@ -77,7 +77,8 @@ def read_glue(path: Path, spec: GlueSpec) -> tuple[list[tuple[str, ...]], list[f
         with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC's files start with a BOM
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except (UnicodeDecodeError, csv.Error) as err:
-        raise DataCorrupt(f"{path}: not a readable GLUE file ({str(err)[:160]}); download {spec.folder} again") from None
+        raise DataCorrupt(f"{path}: not a readable GLUE file ({str(err)[:160]}); "
+                          f"download {spec.folder} again") from None
     columns = (*spec.text, spec.label)
     if spec.header:
         header, rows = rows[0], rows[1:]

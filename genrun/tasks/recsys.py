@@ -248,7 +248,8 @@ class SyntheticSequences(SequentialRecTask):
         super().__init__(**kwargs)
         if not (isinstance(users, int) and users >= 1 and 3 <= min_length <= max_length and successors >= 1):
             raise UserError(f"task.users={users}, task.min_length={min_length}, task.max_length={max_length}, "
-                            f"task.successors={successors}: need users >= 1, 3 <= min_length <= max_length, successors >= 1")
+                            f"task.successors={successors}: "
+                            "need users >= 1, 3 <= min_length <= max_length, successors >= 1")
         if not 0.0 <= follow <= 1.0:
             raise UserError(f"task.follow={follow} is invalid: must be in [0, 1]")
         self.users, self.min_length, self.max_length = users, min_length, max_length

@@ -146,7 +146,8 @@ class TorchvisionTask(ClassificationTask):
         except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             if self.download:
-                raise UserError(f"task.download=true: could not fetch {self.title} into {self.root} ({reason})") from err
+                raise UserError(f"task.download=true: could not fetch {self.title} into {self.root} "
+                                f"({reason})") from err
             raise DataMissing(f"task.data_dir: {self.title} under {self.root} is incomplete ({reason})") from err
         except (ValueError, KeyError, IndexError, EOFError) as err:  # a damaged list or annotation file
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
