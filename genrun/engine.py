@@ -14,10 +14,11 @@ import csv
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from hydra.utils import instantiate

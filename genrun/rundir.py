@@ -16,8 +16,8 @@ old length.
 from __future__ import annotations
 
 import errno
-import json
 import fcntl
+import json
 import os
 import shutil
 from dataclasses import dataclass, field

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GENRUN, ROOT
+from conftest import GENRUN, PATIENCE, ROOT
 from genrun import __version__ as genrun_version
 
 FAST = ["+experiment=fast", "trainer.progress=off"]
@@ -53,7 +53,8 @@ def test_default_run_trains_digits_with_gen_sgd_to_95_percent(genrun, tmp_path):
 
 def test_overrides_pick_groups_and_keys(genrun, tmp_path):
     run_dir = tmp_path / "run"
-    proc = genrun("task=digits", "optim=sgd", "sched=cosine", "optim.lr=0.05", "seed=3", *FAST, f"hydra.run.dir={run_dir}")
+    proc = genrun("task=digits", "optim=sgd", "sched=cosine", "optim.lr=0.05", "seed=3", *FAST,
+                  f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["gen"] is None and summary["step"] == 20
@@ -67,7 +68,8 @@ def test_version_names_genrun_its_commit_and_the_libraries(genrun):
 
     proc = genrun("--version")
     assert proc.returncode == 0 and proc.stdout.count("\n") == 1
-    assert proc.stdout.startswith(f"genrun {genrun_version}") and f"torch {torch.__version__.split('+')[0]}" in proc.stdout
+    assert proc.stdout.startswith(f"genrun {genrun_version}")
+    assert f"torch {torch.__version__.split('+')[0]}" in proc.stdout
     if (ROOT / ".git").exists():  # a checkout: the commit it runs, as a bug report needs
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
@@ -181,7 +183,8 @@ def test_sweep_runs_every_combination(genrun, tmp_path):
 
 def test_joblib_launcher_runs_a_sweep_in_parallel_processes(genrun, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = genrun("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}")
+    proc = genrun("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST,
+                  f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
     assert all(s["status"] == "finished" for s in summaries)
@@ -243,7 +246,8 @@ def test_trainer_threads_sets_torch_threads_only_when_given(compose_cfg, tmp_pat
         (["hydra.job.nam=x"], "hydra.job.nam is not a key of this config; did you mean hydra.job.name?"),
         (["+trainer.epochs=3"], "trainer.epochs already exists: set it without the +"),
         (["task=cifar1000"], "task=cifar1000 is not an option of task; did you mean task=cifar100? (options: beale,"),
-        (["optim/gen=algorthm1"], "optim/gen=algorthm1 is not an option of optim/gen; did you mean optim/gen=algorithm1? "
+        (["optim/gen=algorthm1"],
+         "optim/gen=algorthm1 is not an option of optim/gen; did you mean optim/gen=algorithm1? "
                               "(options: algorithm1, default, fast)"),
         (["+experiment=tabel2"], "experiment=tabel2 is not an option of experiment; did you mean experiment=table2?"),
         (["optim.lr=[1"], "cannot read the override 'optim.lr=[1': no viable alternative at input '[1'"),
@@ -353,7 +357,8 @@ def test_a_users_task_without_a_model_is_a_one_line_error_naming_the_fitting_one
     (tmp_path / "myconf" / "task").mkdir(parents=True)
     (tmp_path / "myconf" / "task" / "bowl.yaml").write_text(
         "_target_: genrun.tasks.synthetic.Rosenbrock\nname: bowl\nstart: [0.0, 0.0]\niterations: 10\n")
-    proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", *FAST, f"hydra.run.dir={tmp_path}/run")
+    proc = genrun(f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "task=bowl", *FAST,
+                  f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "model: task=bowl names no model" in proc.stderr and "point" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -375,7 +380,7 @@ def test_a_failed_sweep_job_does_not_stop_the_others_and_the_report_counts_it(ge
     failed, ran = (json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1))
     assert failed["status"] == "failed" and "no CIFAR-10" in failed["message"] and ran["status"] == "finished"
     report = subprocess.run([sys.executable, "-m", "genrun.report", str(sweep)], capture_output=True, text=True,
-                            timeout=1800)
+                            timeout=PATIENCE)
     assert report.returncode == 0, report.stderr
     rows = (sweep / "sweep.md").read_text()
     assert "| task=cifar10 | 0 (1 failed) |" in rows and "| task=mnist5k | 1 |" in rows
@@ -391,7 +396,7 @@ def test_submitit_launcher_runs_each_job_as_a_job_of_its_own_and_a_failure_stays
     assert failed["status"] == "failed" and ran["status"] == "finished"
     assert (sweep / ".submitit").is_dir()  # submitit's own job records: these ran as its jobs
     report = subprocess.run([sys.executable, "-m", "genrun.report", str(sweep)], capture_output=True, text=True,
-                            timeout=1800)
+                            timeout=PATIENCE)
     assert report.returncode == 0 and "| task=cifar10 | 0 (1 failed) |" in (sweep / "sweep.md").read_text()
 
 

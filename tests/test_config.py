@@ -177,7 +177,8 @@ def test_unknown_gen_setting_is_named(compose_cfg):
 
 
 def test_gen_settings_that_exclude_each_other_are_named_before_any_job(compose_cfg, genrun, tmp_path):
-    with pytest.raises(UserError, match=r"optim.gen: .*\(this run: optim.gen.probe=next, .*optim.gen.init_search=True\)"):
+    named = r"optim.gen: .*\(this run: optim.gen.probe=next, .*optim.gen.init_search=True\)"
+    with pytest.raises(UserError, match=named):
         validate(compose_cfg(["optim.gen.probe=next", "optim.gen.init_search=true"]))
     proc = genrun("-m", "optim.gen.probe=same,next", "optim.gen.init_search=true", "+experiment=fast",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}")

@@ -31,7 +31,7 @@ def _worker(rank, world, port, out_dir, probe):
         local_losses = []
         for _ in range(6):
             x, y = torch.randn(32, 6, generator=g), torch.randn(32, generator=g)
-            f = lambda: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
+            f = lambda x=x, y=y: ((model(x).squeeze(1) - y) ** 2).mean()  # noqa: E731
             loss = f()
             loss.backward()
             local_losses.append(loss.item())
@@ -74,12 +74,12 @@ def _sharded_worker(rank, world, port, out_dir, probe):
             opt = torch.optim.SGD([w], lr=0.01)
             gen = GeN(opt, every=1, smoothing=0.0, max_change=None, sharded=sharded, probe=probe)
 
-            def gather():
+            def gather(w=w):
                 parts = [torch.empty_like(w) for _ in range(world)]
                 dist.all_gather(parts, w.detach())
                 return torch.cat(parts)
 
-            def closure():
+            def closure(gather=gather):
                 full = gather()
                 return 0.5 * full @ h @ full - c @ full
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-TIMEOUT = 1800  # a safety net for a busy machine, far above the ~1 min this takes
+from conftest import PATIENCE, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,11 @@ def installed(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=TIMEOUT)
+                   check=True, capture_output=True, timeout=PATIENCE)
     wheel = next((tmp / "dist").glob("genrun-*.whl"))
     target = tmp / "site"
     subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=TIMEOUT)
+                   check=True, capture_output=True, timeout=PATIENCE)
     return target
 
 
@@ -43,7 +41,7 @@ def run(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     install only supplies the dependencies), from a folder that is not the checkout."""
     env = {**os.environ, "PYTHONPATH": str(installed), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+                          timeout=PATIENCE)
 
 
 def test_the_wheel_carries_every_config(installed):

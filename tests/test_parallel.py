@@ -149,9 +149,8 @@ def test_shares_of_a_split_score_as_the_whole_split_does():
 
 
 def test_auto_workers_feed_gpus_and_leave_the_cpu_to_compute(monkeypatch):
-    from genrun.runtime import loader_workers
-
     from genrun.parallel import cpu_threads
+    from genrun.runtime import loader_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -206,7 +205,8 @@ def _stat(pid: int | str) -> list[str] | None:
 
 
 def _children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_stat(p.name) or [0, 0])[1] == str(pid)]
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and (_stat(p.name) or [0, 0])[1] == str(pid)]
 
 
 def test_killing_the_launcher_ends_its_processes(tmp_path):

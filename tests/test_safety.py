@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -87,7 +86,8 @@ def test_resuming_a_sweep_dir_or_a_foreign_checkpoint_changes_nothing(genrun, tm
     (tmp_path / "ckpts" / "other.txt").write_text("mine")
     before = tree(tmp_path)
     line = one_line_error(genrun("trainer.resume=outputs/multirun/2026-01-01/10-00-00", *QUIET))
-    assert "is a sweep's dir; resume one of its runs, e.g. trainer.resume=outputs/multirun/2026-01-01/10-00-00/0" in line
+    assert ("is a sweep's dir; resume one of its runs, e.g. trainer.resume=outputs/multirun/2026-01-01/10-00-00/0"
+            in line)
     line = one_line_error(genrun("trainer.resume=ckpts/foreign.pt", *QUIET))
     assert "ckpts/foreign.pt was not written by genrun" in line
     assert tree(tmp_path) == before
@@ -193,7 +193,8 @@ def test_sigterm_checkpoints_the_step_and_resume_finishes_the_run_bit_for_bit(ge
     run = tmp_path / "run"
     proc = genrun(*RUN, f"hydra.run.dir={run}", python=SIGTERM_AFTER_STEP_1)
     assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"genrun: stopped by SIGTERM; continue with: genrun trainer.resume={run}"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"genrun: stopped by SIGTERM; continue with: genrun trainer.resume={run}"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["step"] == 1
     assert summary["message"] == "stopped by SIGTERM after 1 steps; the last good checkpoint (step 1) is kept"

@@ -12,8 +12,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from genrun import version_line
 from genrun.report import sweep

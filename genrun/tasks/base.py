@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-
 #: Accuracy at most this multiple of chance (1/classes) reads as a dead network: one that
 #: predicts one class for everything ends with a finite loss, so nothing else flags it
 #: (seen: SGD at lr 0.2 on mnist5k, 10 % from the first epoch on).
