@@ -77,30 +77,37 @@ def _run(cfg: DictConfig) -> dict | None:
 
 def _job_failed(err: BaseException, run_dir: Path, claim: rundir.Claim | None) -> int | None:
     """Report a job that did not finish in one line and return its exit status (None: not ours to
-    word, Hydra reports it). A failed start leaves the run dir as it was before the run."""
+    word, Hydra reports it). A failed start leaves the run dir as it was before the run: the line goes
+    into genrun.log first, so that undoing the start takes it out again."""
     from genrun.parallel import rank
 
     user = as_user_error(err) if isinstance(err, (UserError, InstantiationException)) else None
     storage = rundir.storage_problem(err, run_dir)
     if not isinstance(err, KeyboardInterrupt) and user is None and storage is None:
         return None
+    code, line = _status_line(err, user, storage, run_dir, rank())
+    if line and isinstance(user, AlreadyFinished):
+        print(line)  # nothing changed, the run's log included
+    elif line:
+        say(line, sys.stderr)
     if claim is not None:  # process 0's
         claim.discard_unless_used()
+    return code
+
+
+def _status_line(err: BaseException, user: UserError | None, storage: str | None, run_dir: Path,
+                 rank: int) -> tuple[int, str | None]:
+    """The exit status of a job that did not finish, and the line that says why (None: rank > 0's,
+    which leave the telling to process 0, except for bad input each process may meet alone)."""
     if isinstance(user, AlreadyFinished):
-        if rank() == 0:
-            print(f"genrun: {user}")
-        return 0
+        return 0, f"genrun: {user}" if rank == 0 else None
     if user is not None:  # a task's or model's own check fails inside hydra's instantiate, which wraps it
-        who = "genrun" if rank() == 0 else f"genrun (rank {rank()})"
-        say(f"{who}: error: {user}", sys.stderr)
-        return 2
-    if rank() > 0:  # process 0 says what happened
-        return 1 if storage is not None else stop.exit_code(err)
+        return 2, f"{'genrun' if rank == 0 else f'genrun (rank {rank})'}: error: {user}"
+    if rank > 0:
+        return (1 if storage is not None else stop.exit_code(err)), None
     if storage is not None:
-        say(f"genrun: error: {storage}{_resume_hint(run_dir)}", sys.stderr)
-        return 1
-    say(f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}", sys.stderr)
-    return stop.exit_code(err)
+        return 1, f"genrun: error: {storage}{_resume_hint(run_dir)}"
+    return stop.exit_code(err), f"\ngenrun: {stop.describe(err)}{_resume_hint(run_dir)}"
 
 
 class JobFailed(Exception):
