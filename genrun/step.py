@@ -67,14 +67,6 @@ class Stepper:
         self._loss: torch.Tensor | float = 0.0
         self._losses: dict[str, float] = {}  # each objective's loss of the last step (several objectives)
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.players[0].optimizer
-
-    @property
-    def gen(self) -> GeN | None:
-        return self.players[0].gen
-
     @classmethod
     def build(cls, cfg: DictConfig, task: Any, model: nn.Module, train_model: nn.Module, device: torch.device,
               total_steps: int, world: int) -> Stepper:

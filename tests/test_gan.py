@@ -142,3 +142,57 @@ def test_dcgan_has_the_tutorials_layers_at_64_px_and_one_fewer_at_32():
     assert big.generator(torch.randn(2, 100, 1, 1)).shape == (2, 3, 64, 64)
     with pytest.raises(UserError, match="power of two"):
         DCGAN(48, 1)
+
+
+def test_each_gen_probes_its_own_players_loss_with_the_noise_of_its_forward(compose_cfg):
+    from hydra.utils import instantiate
+
+    from genrun.step import Stepper
+
+    cfg = compose_cfg(["task=mnist_gan", "optim=gen_adam", "model.ngf=8", "model.ndf=8"])
+    task, model = instantiate(cfg.task), instantiate(cfg.model)
+    stepper = Stepper.build(cfg, task, model, model, torch.device("cpu"), total_steps=4, world=1)
+    for player, module in zip(stepper.players, (model.discriminator, model.generator)):
+        trained = {id(p) for group in player.optimizer.param_groups for p in group["params"]}
+        assert trained == {id(p) for p in module.parameters()}
+    seen: list[torch.Tensor] = []
+    model.generator.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    micro = [task.datasets()[0][:16]]
+    stepper.backward(micro)  # D's forward, D's probes (and its step), then G's forward
+    stepper.step(micro)      # G's probes and step
+    d_turn, g_turn = seen[0], seen[-1]
+    assert not torch.equal(d_turn, g_turn) and len(seen) > 2  # probes ran
+    # D's forward and every probe of D's GeN see one z; G's forward and every probe of G's GeN another
+    switch = next(i for i, z in enumerate(seen) if not torch.equal(z, d_turn))
+    assert all(torch.equal(z, g_turn) for z in seen[switch:]) and switch > 1 and len(seen) - switch > 1
+    assert [(p.name, len(p.gen.history)) for p in stepper.players] == [("D", 1), ("G", 1)]
+
+
+def _celeba(root: Path, train: int, test: int) -> None:
+    """A few faces in CelebA's published layout: 178 x 218 JPEGs and the partition list."""
+    folder = root / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i, split in enumerate([0] * train + [1] * 2 + [2] * test, 1):
+        pixels = torch.randint(0, 256, (218, 178, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg")
+        lines.append(f"{i:06d}.jpg {split}")
+    (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_celeba_trains_on_faces_in_the_published_layout(genrun, tmp_path):
+    _celeba(tmp_path / "data", train=16, test=4)
+    run = tmp_path / "run"
+    summary = _run(genrun, run, "task=celeba", f"task.data_dir={tmp_path / 'data'}", "optim=gen_adam",
+                   "trainer.batch_size=8", "trainer.max_steps=2", "trainer.num_workers=0")
+    assert summary["status"] == "finished" and set(summary["final"]["test"]) >= {"D(x)", "D(G(z))"}
+    with Image.open(run / "samples" / "step2.png") as image:
+        assert image.size == (8 * 64 + 9 * 2,) * 2 and image.mode == "RGB"
+
+
+def test_celeba_missing_is_one_line_naming_the_path_and_the_flag(genrun, tmp_path):
+    proc = genrun("task=celeba", f"task.data_dir={tmp_path / 'none'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert str(tmp_path / "none" / "celeba") in line and "task.download=true" in line
