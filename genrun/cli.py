@@ -198,9 +198,10 @@ def _route_resume(argv: list[str]) -> list[str]:
     return [*kept, *argv, *run_dir_arg]
 
 
-#: Under torchrun, ranks > 0 let rank 0's Hydra make the run dir, write .hydra/ and the log.
+#: Under torchrun, ranks > 0 let rank 0's Hydra make the run dir, write .hydra/ and the log (the
+#: loggers conf/config.yaml adds name the job logging's file handler, which `disabled` has none of).
 OTHER_RANKS = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
-               "hydra/hydra_logging=disabled"]
+               "~hydra.job_logging.loggers", "hydra/hydra_logging=disabled"]
 
 
 def _join_torchrun(argv: list[str]) -> list[str]:

@@ -65,7 +65,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         train_set, eval_sets = task.datasets()
         model = instantiate(cfg.model).to(device)
     # the training forward goes through DDP; evaluation, metrics and checkpoints use the model itself
-    train_model = parallel.wrap(model, device, tc.get("ddp_find_unused", False))
+    train_model = parallel.wrap(model, device, tc.get("ddp_find_unused", False) or task.partial_forward)
     if rank:  # replicas start alike (DDP copies process 0's weights), then draw their own dropout
         seed_everything(cfg.seed + 1_000_003 * rank)
     steps_per_epoch = math.ceil(len(train_set) / (tc.batch_size * tc.grad_accum))
@@ -96,6 +96,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     records = Records([JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group,
                                                       name=name, resume=resume is not None)] if main else [], stepper)
     evaluate = partial(_evaluate, task, stepper, eval_loaders, device, records, at)
+    evaluate = partial(_with_artifacts, evaluate, task, stepper, run_dir if main else None, at)
 
     # -- the loop --------------------------------------------------------------------------
     status, message, results = "finished", None, {}
@@ -116,7 +117,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             at.step, at.batch_in_epoch = at.step + 1, at.batch_in_epoch + 1
 
             if at.step % tc.log_every == 0 or at.step == total_steps:
-                records.train(at, loss, task.step_metrics(model))
+                records.train(at, loss, {**stepper.step_metrics(), **task.step_metrics(model)})
             records.gen(stepper.gen_records())
             progress.update(at.step, at.epoch, loss, stepper.lrs()[0])
             ends_epoch = at.ends_epoch(steps_per_epoch, total_steps)  # evaluated and checkpointed at the end
@@ -277,6 +278,15 @@ class Checkpoints:
         if self.last is None:
             return "no checkpoint was written yet (the first comes at an epoch's end or trainer.ckpt_every)"
         return f"the last good checkpoint (step {self.last}) is kept"
+
+
+def _with_artifacts(evaluate: partial, task: Any, stepper: Stepper, run_dir: Path | None,
+                    at: Position) -> dict[str, dict[str, float]]:
+    """`evaluate()`, then the task's files of the evaluated model (`Task.artifacts`), by process 0."""
+    results = evaluate()
+    if run_dir is not None:
+        task.artifacts(stepper.evaluating(), run_dir, at.step)
+    return results
 
 
 def _write_summary(summary: dict[str, Any], run_dir: Path | None, records: Records) -> None:

@@ -254,7 +254,7 @@ def test_fresh_records_hands_each_record_out_once_and_a_restored_history_not_aga
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, probe=probe, history_size=2)
     seen = []
     for _ in range(6):
-        one_step(gen, w, lambda: (w**4).sum())
+        one_step(gen, lambda: (w**4).sum())
         seen += [r["step"] for r in gen.fresh_records()]
     assert seen == (list(range(5)) if probe == "next" else list(range(6))) and gen.fresh_records() == []
     state = gen.state_dict()
@@ -262,7 +262,7 @@ def test_fresh_records_hands_each_record_out_once_and_a_restored_history_not_aga
     restored.load_state_dict(state)
     assert restored.fresh_records() == [] and restored.history == gen.history
     for _ in range(3):
-        one_step(restored, w, lambda: (w**4).sum())
+        one_step(restored, lambda: (w**4).sum())
     later = [r["step"] for r in restored.fresh_records()]
     assert later and min(later) > seen[-1] and restored.fresh_records() == []
 

@@ -6,6 +6,9 @@ devices or logging: the engine moves batches to the device and calls these metho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +26,15 @@ def at_chance(acc: float, num_classes: int) -> bool:
     return num_classes > 1 and acc <= CHANCE_FACTOR / num_classes
 
 
+@dataclass(frozen=True)
+class Objective:
+    """One of a task's objectives: `loss(model, batch)` trains `module`'s parameters only."""
+
+    name: str
+    module: nn.Module
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+
+
 class Task:
     """Base class of every task. Subclasses set `name` and implement the three methods.
 
@@ -38,12 +50,19 @@ class Task:
     the count, which suits averages such as accuracy; F1, BLEU or mAP keep predictions instead.
     `step_metrics(model)` may add numbers to every logged train record.
     `diagnose(results)` may return a one-line warning about a finished run's final metrics.
+    `objectives(model)` may name several objectives (a GAN's "D" then "G"), each trained by its own
+    optimizer on its own parameters, in that order within every step; None (the default): one,
+    `loss`, over the whole model. `partial_forward`: some forwards leave trainable parameters
+    without a gradient (DDP must look for them: its `find_unused_parameters`).
+    `artifacts(model, run_dir, step)` may write files (e.g. image samples) at each evaluation, in
+    the main process.
     `heavy_items`: making an item costs real work (decoding an image file, drawing a scene),
     so on a GPU DataLoader worker processes pay for themselves; in-memory items do not.
     """
 
     name: str = "task"
     heavy_items: bool = False
+    partial_forward: bool = False
 
     def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
         raise NotImplementedError
@@ -58,6 +77,13 @@ class Task:
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         """Extra numbers for each logged train record (e.g. the iterate of a 2-D function)."""
         return {}
+
+    def objectives(self, model: nn.Module) -> list[Objective] | None:
+        """The objectives to train in turn, or None: `loss` over all of `model`."""
+        return None
+
+    def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> None:
+        """Write files of the evaluated `model` at `step` into `run_dir` (default: nothing)."""
 
     def diagnose(self, results: dict[str, dict[str, float]]) -> str | None:
         """A warning when the final metrics show the run learned nothing (None: nothing to say)."""
