@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -25,6 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from genrun import parallel
 from genrun.errors import UserError
 from genrun.runtime import to_device
+
+if TYPE_CHECKING:  # the engine builds an Evaluator; only a type checker needs its classes here
+    from genrun.engine import Position, Records
+    from genrun.step import Stepper
+    from genrun.tasks.base import Task
 
 
 def check_splits(chosen: list[str] | None, eval_sets: dict[str, Dataset]) -> list[str]:
@@ -51,8 +56,8 @@ class Evaluator:
     """Runs the evaluations a run asks for, logs each split's scores (and decoded examples) as
     they come, and keeps the latest whole evaluation as `final`."""
 
-    def __init__(self, task: Any, eval_sets: dict[str, Dataset], tc: DictConfig, loading: dict[str, Any],
-                 device: torch.device, stepper: Any, records: Any, at: Any) -> None:
+    def __init__(self, task: Task, eval_sets: dict[str, Dataset], tc: DictConfig, loading: dict[str, Any],
+                 device: torch.device, stepper: Stepper, records: Records, at: Position) -> None:
         self.task, self.device, self.stepper, self.records, self.at = task, device, stepper, records, at
         self.every, self.each_epoch = tc.eval_every, tc.get("eval_epochs", True)
         batch_size, limit = tc.eval_batch_size or tc.batch_size, tc.get("eval_limit")

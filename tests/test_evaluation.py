@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from genrun.evaluation import check_splits
 from genrun.errors import UserError
+from genrun.evaluation import check_splits
 from genrun.tasks.base import Head, Task
 from genrun.tasks.nlg import SyntheticE2E
 from genrun.text_models import CausalLM
@@ -157,7 +157,8 @@ def test_resume_drops_predictions_after_its_checkpoint_and_its_clock_counts_on(g
     # evaluating every 2 steps now: step 3 is not evaluated again, so its file must be gone (run
     # without the fixture's check that no file disappears: dropping this one is the point)
     proc = subprocess.run([str(GENRUN), f"trainer.resume={run}", "trainer.eval_every=2"], cwd=tmp_path,
-                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (run / "predictions").iterdir()) == [
         "dev_step1.jsonl", "dev_step2.jsonl", "dev_step4.jsonl", "test_step1.jsonl", "test_step2.jsonl",
@@ -167,3 +168,15 @@ def test_resume_drops_predictions_after_its_checkpoint_and_its_clock_counts_on(g
     times = [r["time_s"] for r in records]
     assert times == sorted(times)
     assert all(r["time_s"] > elapsed for r in records if r["step"] > 2)  # on from the checkpoint, not from 0
+
+
+def test_a_checkpoint_without_elapsed_time_resumes_with_the_clock_from_zero(genrun, tmp_path):
+    run = tmp_path / "run"
+    assert genrun("trainer.max_steps=3", *QUIET, f"hydra.run.dir={run}").returncode == 0
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    del state["elapsed_s"]  # as checkpoints written before the clock was kept
+    torch.save(state, run / "ckpt.pt")
+    proc = genrun(f"trainer.resume={run}", "trainer.max_steps=4")
+    assert proc.returncode == 0, proc.stderr
+    (last,) = [r for r in _records(run, "train") if r["step"] == 4]
+    assert 0 <= last["time_s"] < torch.load(run / "ckpt.pt", weights_only=True)["elapsed_s"]
