@@ -2,7 +2,8 @@
 
 A checkpoint holds everything the engine needs to continue a run bit-for-bit on the same
 machine: model, optimizer, scheduler, GeN and GradScaler states, the step and the position
-in the epoch, and the RNG states.
+in the epoch, the RNG states, and `elapsed_s` (the run's seconds so far, which a resumed run's
+`time_s` counts on from; 0 for a checkpoint without it).
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from genrun import atomic, checkpoint, parallel, stop, versions
+from genrun import atomic, checkpoint, evaluation, parallel, stop, versions
 from genrun.console import Progress
 from genrun.errors import AlreadyFinished
 from genrun.runtime import (
@@ -37,7 +37,7 @@ from genrun.runtime import (
     seed_everything,
     to_device,
 )
-from genrun.sinks import JsonlSink, Sink, build_sink
+from genrun.sinks import PREDICTIONS, JsonlSink, Sink, build_sink
 from genrun.step import Stepper
 
 
@@ -64,6 +64,7 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         task = instantiate(cfg.task)
         train_set, eval_sets = task.datasets()
         model = instantiate(cfg.model).to(device)
+    evaluation.check_splits(tc.get("eval_splits"), eval_sets)  # before the run dir gets any file
     # the training forward goes through DDP; evaluation, metrics and checkpoints use the model itself
     train_model = parallel.wrap(model, device, tc.get("ddp_find_unused", False) or task.partial_forward)
     if rank:  # replicas start alike (DDP copies process 0's weights), then draw their own dropout
@@ -79,14 +80,15 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
     loading = {"num_workers": loader_workers(tc.num_workers, device, parallel.cpu_threads(), task.heavy_items),
                "pin_memory": device.type == "cuda"}
     data = TrainData(train_set, cfg, loading, device, rank, world)
-    eval_loaders = _eval_loaders(eval_sets, tc.eval_batch_size or tc.batch_size, loading)
 
     # -- optimizer, GeN, schedule, precision ---------------------------------------------
     stepper = Stepper.build(cfg, task, model, train_model, device, total_steps, world)
 
     # -- resume ----------------------------------------------------------------------------
     at = Position()
-    ckpts = Checkpoints(run_dir / checkpoint.FILENAME, main, world, last=resume["step"] if resume is not None else None)
+    clock = Clock(started, float(resume.get("elapsed_s", 0.0)) if resume is not None else 0.0)
+    ckpts = Checkpoints(run_dir / checkpoint.FILENAME, main, world, clock,
+                        last=resume["step"] if resume is not None else None)
     if resume is not None:
         stepper.load_state_dict(resume, tc.resume)
         at = Position(resume["step"], resume["epoch"], resume["batch_in_epoch"])
@@ -94,18 +96,18 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         if main:
             _drop_records_after(run_dir, at.step)
     records = Records([JsonlSink(run_dir), build_sink(cfg.logger, run_dir, config=_plain(cfg), group=group,
-                                                      name=name, resume=resume is not None)] if main else [], stepper)
-    evaluate = partial(_evaluate, task, stepper, eval_loaders, device, records, at)
-    evaluate = partial(_with_artifacts, evaluate, task, stepper, run_dir if main else None, at)
+                                                      name=name, resume=resume is not None)] if main else [],
+                      stepper, clock)
+    evals = evaluation.Evaluator(task, eval_sets, tc, loading, device, stepper, records, at, run_dir if main else None)
 
     # -- the loop --------------------------------------------------------------------------
-    status, message, results = "finished", None, {}
+    status, message = "finished", None
     progress = Progress(tc.progress, total_steps, at.step, enabled=main)
     stop.defer(world == 1)  # one process: SIGTERM ends the current step first (several must stop in lockstep)
     try:
         for micro in data.steps(at, total_steps, steps_per_epoch):
             if not micro:  # an epoch's end (or the run's): evaluate, and checkpoint where the next epoch starts
-                results = evaluate()
+                evals.epoch_end(at.step, total_steps)
                 at.next_epoch(total_steps)
                 ckpts.save(stepper, at)
                 continue
@@ -121,8 +123,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
             records.gen(stepper.gen_records())
             progress.update(at.step, at.epoch, loss, stepper.lrs()[0])
             ends_epoch = at.ends_epoch(steps_per_epoch, total_steps)  # evaluated and checkpointed at the end
-            if tc.eval_every and at.step % tc.eval_every == 0 and not ends_epoch:
-                results = evaluate()
+            if evals.due(at.step) and not ends_epoch:
+                evals.run()
             if tc.ckpt_every and at.step % tc.ckpt_every == 0 and not ends_epoch:
                 ckpts.save(stepper, at)
             if stop.pending() and at.step < total_steps:  # a stop signal: end here, with this step checkpointed
@@ -137,8 +139,8 @@ def train(cfg: DictConfig, run_dir: Path, *, group: str | None = None, name: str
         progress.close()
         summary = {
             "status": status, "message": message, "step": at.step, "epoch": at.epoch, "total_steps": total_steps,
-            "final": results,
-            "warning": "; ".join(filter(None, (task.diagnose(results), stepper.gen_idle()))) or None
+            "final": evals.final,
+            "warning": "; ".join(filter(None, (task.diagnose(evals.final), stepper.gen_idle()))) or None
             if status == "finished" else None,
             "lr": stepper.lrs(), "gen": stepper.gen_summary(),
             "wall_time_s": round(time.perf_counter() - started, 3),
@@ -204,41 +206,42 @@ class TrainData:
         return [to_device(b, self.device) for _, b in zip(range(self.grad_accum), batches)]
 
 
-def _eval_loaders(eval_sets: dict[str, Dataset], batch_size: int, loading: dict[str, Any]) -> dict[str, DataLoader]:
-    """Each process's share of every evaluation split."""
-    return {  # private generators: evaluating must not move the training's random stream
-        split: DataLoader(parallel.shard(data), batch_size=batch_size, collate_fn=getattr(data, "collate", None),
-                          generator=torch.Generator().manual_seed(0), **loading)
-        for split, data in eval_sets.items()
-    }
+@dataclass
+class Clock:
+    """Seconds since the run started, counting on from a resumed checkpoint's `elapsed_s` (so train
+    and evaluation time read off one axis across a resume; the time a killed run spent after its
+    last checkpoint is redone, not counted twice)."""
 
+    started: float  # time.perf_counter() when this process's run began
+    offset: float = 0.0
 
-def _evaluate(task: Any, stepper: Stepper, loaders: dict[str, DataLoader], device: torch.device,
-              records: Records, at: Position) -> dict[str, dict[str, float]]:
-    """Every split's metrics, each logged as it is scored."""
-    model = stepper.evaluating()
-    results = {}
-    for split, loader in loaders.items():
-        with stepper.amp():  # each process predicts its share of the split; all score every share's part
-            part = task.predict(model, loader, partial(to_device, device=device))
-        results[split] = task.score(parallel.parts(part, loader.dataset))
-        records.eval(at, split, results[split])
-    return results
+    def __call__(self) -> float:
+        return round(self.offset + time.perf_counter() - self.started, 3)
 
 
 class Records:
     """The run's train, eval and GeN records, to every sink (process 0's; the others have none)."""
 
-    def __init__(self, sinks: list[Sink], stepper: Stepper) -> None:
-        self.sinks, self.stepper = sinks, stepper
+    def __init__(self, sinks: list[Sink], stepper: Stepper, clock: Clock) -> None:
+        self.sinks, self.stepper, self.clock = sinks, stepper, clock
 
     def train(self, at: Position, loss: float, extra: dict[str, float]) -> None:
         self._emit({"kind": "train", "step": at.step, "epoch": at.epoch, "split": "train", "loss": loss,
-                    "lr": self.stepper.lrs(), **extra})
+                    "lr": self.stepper.lrs(), **extra, "time_s": self.clock()})
 
-    def eval(self, at: Position, split: str, scores: dict[str, float]) -> None:
+    def eval(self, at: Position, split: str, scores: dict[str, float], *, eval_s: float, eval_n: int) -> None:
+        """One split's scores; `eval_s`: how long scoring it took, `eval_n`: its examples scored."""
         self._emit({"kind": "eval", "step": at.step, "epoch": at.epoch, "split": split, **scores,
-                    "lr": self.stepper.lrs()})
+                    "lr": self.stepper.lrs(), "time_s": self.clock(), "eval_s": round(eval_s, 3), "eval_n": eval_n})
+
+    def examples(self, at: Position, split: str, rows: list[dict[str, Any]]) -> None:
+        """An evaluation's decoded examples (none: nothing is written), to the sinks that keep them."""
+        if not rows:
+            return
+        for sink in self.sinks:
+            keep = getattr(sink, "examples", None)  # optional: a user's own sink may not have it
+            if keep is not None:
+                keep(split, at.step, rows)
 
     def gen(self, probes: list[dict[str, Any]]) -> None:
         for record in probes:
@@ -256,8 +259,8 @@ class Records:
 class Checkpoints:
     """The run's ckpt.pt: rewritten at each save, and only ever with finite weights."""
 
-    def __init__(self, path: Path, main: bool, world: int, last: int | None) -> None:
-        self.path, self.main, self.world = path, main, world
+    def __init__(self, path: Path, main: bool, world: int, clock: Clock, last: int | None) -> None:
+        self.path, self.main, self.world, self.clock = path, main, world, clock
         self.last = last  # the step ckpt.pt holds, for messages
 
     def save(self, stepper: Stepper, at: Position) -> None:
@@ -269,7 +272,7 @@ class Checkpoints:
         checkpoint.save(self.path, {
             **stepper.state_dict(),
             "step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
-            "rng": rngs[0], "rng_ranks": rngs if self.world > 1 else None,
+            "rng": rngs[0], "rng_ranks": rngs if self.world > 1 else None, "elapsed_s": self.clock(),
         })
         self.last = at.step
 
@@ -278,15 +281,6 @@ class Checkpoints:
         if self.last is None:
             return "no checkpoint was written yet (the first comes at an epoch's end or trainer.ckpt_every)"
         return f"the last good checkpoint (step {self.last}) is kept"
-
-
-def _with_artifacts(evaluate: partial, task: Any, stepper: Stepper, run_dir: Path | None,
-                    at: Position) -> dict[str, dict[str, float]]:
-    """`evaluate()`, then the task's files of the evaluated model (`Task.artifacts`), by process 0."""
-    results = evaluate()
-    if run_dir is not None:
-        task.artifacts(stepper.evaluating(), run_dir, at.step)
-    return results
 
 
 def _write_summary(summary: dict[str, Any], run_dir: Path | None, records: Records) -> None:
@@ -306,7 +300,7 @@ def _cause(err: BaseException) -> str:
 
 def _drop_records_after(run_dir: Path, step: int) -> None:
     """A killed run may have logged steps past its last checkpoint; the resumed run redoes
-    them, so those records (and a line cut off by the kill) are dropped first."""
+    them, so those records (and a line cut off by the kill) and predictions are dropped first."""
     for name in ("metrics.jsonl", "gen.jsonl"):
         path = run_dir / name
         if path.exists():
@@ -322,6 +316,10 @@ def _drop_records_after(run_dir: Path, step: int) -> None:
                 kept = [r for r in rows[1:] if len(r) == len(rows[0]) and r[col].isdigit() and int(r[col]) <= step]
                 with path.open("w", newline="") as f:
                     csv.writer(f).writerows([rows[0], *kept])
+    for path in (run_dir / PREDICTIONS).glob("*.jsonl"):
+        later = re.fullmatch(r".+_step(\d+)\.jsonl", path.name)
+        if later and int(later.group(1)) > step:
+            path.unlink()
 
 
 def _step_of_json(line: str) -> float:

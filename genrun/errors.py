@@ -36,5 +36,9 @@ def as_user_error(err: BaseException) -> UserError | None:
 
 def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
     """`; did you mean <prefix>X?` for the closest of `known`, or nothing: for a message naming a typo."""
-    close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=3, cutoff=0.6)
+    # a name with a word added (max_epochs) means the one without it (epochs), even where another
+    # name shares more letters (eval_epochs)
+    words = set(key.split("_"))
+    close.sort(key=lambda name: not set(name.split("_")) <= words)
     return f"; did you mean {prefix}{close[0]}?" if close else ""

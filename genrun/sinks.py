@@ -1,6 +1,10 @@
 """Metric sinks for the engine's train / eval / GeN-probe records. Sinks take whole
 records (dicts with ``kind`` and ``step``), so each backend picks its own layout. The
-engine always writes JsonlSink; ``logger=`` (csv / wandb / none) adds one more."""
+engine always writes JsonlSink; ``logger=`` (csv / wandb / none) adds one more.
+
+A sink may also take an evaluation's decoded examples, ``examples(split, step, rows)``
+(optional: the engine skips a sink without it): JsonlSink writes them to
+``predictions/<split>_step<step>.jsonl``, WandbSink logs a few as a table."""
 
 import csv
 import inspect
@@ -15,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 from genrun import atomic
 
 KINDS = ("train", "eval", "gen")
+PREDICTIONS = "predictions"  # the run dir's folder of decoded examples
+TABLE_ROWS = 20  # examples per W&B table: a sample to read, not the split
 
 
 @runtime_checkable
@@ -56,6 +62,9 @@ class NullSink:
     def log(self, record: Mapping[str, Any]) -> None:
         pass
 
+    def examples(self, split: str, step: int, rows: list[Mapping[str, Any]]) -> None:
+        pass
+
     def close(self, status: str = "finished") -> None:
         pass
 
@@ -73,6 +82,9 @@ class _FileSink:
 
     def _stream(self, record: Mapping[str, Any]) -> Any:
         return self._files["gen" if _kind(record) == "gen" else "metrics"]
+
+    def examples(self, split: str, step: int, rows: list[Mapping[str, Any]]) -> None:
+        pass  # JsonlSink (always there) writes them; CSV would only repeat them worse
 
     def close(self, status: str = "finished") -> None:
         # every file is closed even when one cannot flush (a full disk); the first error then propagates
@@ -107,6 +119,13 @@ class JsonlSink(_FileSink):
         f = self._stream(record)
         f.write(json.dumps(_clean(record), allow_nan=False).encode() + b"\n")  # allow_nan: a guard
         f.flush()
+
+    def examples(self, split: str, step: int, rows: list[Mapping[str, Any]]) -> None:
+        """``predictions/<split>_step<step>.jsonl``, one object per example, whole or not at all."""
+        folder = self.run_dir / PREDICTIONS
+        folder.mkdir(exist_ok=True)
+        atomic.write_text(folder / f"{split}_step{step}.jsonl",
+                          "".join(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows))
 
 
 class _CsvFile:
@@ -202,6 +221,15 @@ def wandb_payload(record: Mapping[str, Any]) -> dict[str, Any]:
     return payload
 
 
+def _cell(value: Any) -> Any:
+    """A W&B table cell: a text or number as it is, a list of texts (references) one per line."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    return json.dumps(_clean(value), ensure_ascii=False)
+
+
 class WandbSink:
     """``logger=wandb``: one W&B run per sink, its files under ``run_dir/wandb/``.
 
@@ -243,6 +271,16 @@ class WandbSink:
         if self.run is None:
             raise RuntimeError("WandbSink.log called after close")
         self.run.log(wandb_payload(record))
+
+    def examples(self, split: str, step: int, rows: list[Mapping[str, Any]]) -> None:
+        """The first ``TABLE_ROWS`` examples as a table, ``eval/<split>/examples`` at ``step``."""
+        import wandb
+
+        if self.run is None:
+            raise RuntimeError("WandbSink.examples called after close")
+        columns = list(rows[0])
+        data = [[_cell(row.get(c)) for c in columns] for row in rows[:TABLE_ROWS]]
+        self.run.log({f"eval/{split}/examples": wandb.Table(columns=columns, data=data), "step": int(step)})
 
     def close(self, status: str = "finished") -> None:
         run, self.run = self.run, None  # detach first: a second close is a no-op

@@ -46,6 +46,10 @@ def _points(v: Any) -> bool:
             and any(x != 0 for x in v))
 
 
+def _split_names(v: Any) -> bool:
+    return isinstance(v, (list, tuple, ListConfig)) and len(v) >= 1 and all(isinstance(x, str) and x for x in v)
+
+
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", _int_at_least(0), "an integer >= 0"),
     ("trainer.epochs", _int_at_least(0), "an integer >= 0"),
@@ -54,6 +58,9 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("trainer.grad_accum", _int_at_least(1), "an integer >= 1"),
     ("trainer.eval_batch_size", _optional(_int_at_least(1)), "null or an integer >= 1"),
     ("trainer.eval_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
+    ("trainer.eval_epochs", _one_of(True, False), "true or false"),
+    ("trainer.eval_splits", _optional(_split_names), "null (all) or a non-empty list of split names, e.g. [dev]"),
+    ("trainer.eval_limit", _optional(_int_at_least(1)), "null (whole splits) or an integer >= 1"),
     ("trainer.log_every", _int_at_least(1), "an integer >= 1"),
     ("trainer.ckpt_every", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
     ("trainer.num_workers", lambda v: v == "auto" or _int_at_least(0)(v), "auto or an integer >= 0"),

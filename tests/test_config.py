@@ -158,6 +158,11 @@ def test_every_experiment_preset_composes(compose_cfg, experiment):
         ("optim.gen.min_r2=-inf", "optim.gen.min_r2"),
         ("trainer.average=inf", "trainer.average"),
         ("optim.momentum=nan", "optim.momentum"),
+        ("trainer.eval_epochs=sometimes", "trainer.eval_epochs"),
+        ("trainer.eval_splits=dev", "trainer.eval_splits"),
+        ("trainer.eval_splits=[]", "trainer.eval_splits"),
+        ("trainer.eval_limit=0", "trainer.eval_limit"),
+        ("trainer.eval_limit=true", "trainer.eval_limit"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, override, key):

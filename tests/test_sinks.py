@@ -374,3 +374,40 @@ def test_logger_group_composes_with_hydra(tmp_path):
             sink = build_sink(compose(overrides=[f"+logger={option}"]), tmp_path / option)
             assert type(sink) is cls
             sink.close()
+
+
+# ---------------------------------------------------------------- decoded examples
+
+ROWS = [{"mr": f"name[Café {i}]", "prediction": f"café {i} is a pub.", "references": ["a £ ref", "another"]}
+        for i in range(25)]
+
+
+def test_jsonl_sink_writes_each_evaluations_examples_whole_and_the_others_ignore_them(tmp_path):
+    sink = JsonlSink(tmp_path)
+    sink.examples("dev", 7, ROWS)
+    sink.close()
+    path = tmp_path / "predictions" / "dev_step7.jsonl"
+    assert _lines(path) == ROWS and "Café" in path.read_text(encoding="utf-8")
+    assert not list((tmp_path / "predictions").glob("*.tmp"))
+    for other in (CsvSink(tmp_path / "csv"), NullSink()):
+        other.examples("dev", 7, ROWS)
+        other.close()
+    assert not (tmp_path / "csv" / "predictions").exists()
+
+
+def test_wandb_sink_logs_a_table_of_the_first_examples_offline(tmp_path):
+    pytest.importorskip("wandb")
+    sink = WandbSink(tmp_path)
+    sink.log(EVAL)
+    sink.examples("test", 1, ROWS)
+    sink.close()
+    run = _read_run(tmp_path)
+    assert run["exit_code"] == 0
+    (logged,) = [h for h in run["history"] if "eval/test/examples/_type" in h]
+    assert logged["eval/test/examples/_type"] == "table-file" and logged["step"] == 1
+    (saved,) = tmp_path.glob(f"wandb/offline-run-*/files/{logged['eval/test/examples/path']}")
+    table = json.loads(saved.read_text(encoding="utf-8"))
+    assert table["columns"] == ["mr", "prediction", "references"] and len(table["data"]) == 20
+    assert table["data"][0] == ["name[Café 0]", "café 0 is a pub.", "a £ ref\nanother"]
+    with pytest.raises(RuntimeError):
+        sink.examples("test", 2, ROWS)

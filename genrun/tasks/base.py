@@ -56,6 +56,9 @@ class Task:
     without a gradient (DDP must look for them: its `find_unused_parameters`).
     `artifacts(model, run_dir, step)` may write files (e.g. image samples) at each evaluation, in
     the main process.
+    `head(data, n)` is a split cut to its first `n` examples (`trainer.eval_limit`), and
+    `examples(parts)` the decoded examples of an evaluation, saved beside its metrics (default:
+    none); see each.
     `heavy_items`: making an item costs real work (decoding an image file, drawing a scene),
     so on a GPU DataLoader worker processes pay for themselves; in-memory items do not.
     """
@@ -105,9 +108,42 @@ class Task:
         count = totals.pop("count", 0.0)
         return {key: value / max(count, 1.0) for key, value in totals.items()}
 
+    def head(self, data: Dataset, n: int) -> Dataset:
+        """The first `n` examples of evaluation split `data`, for `predict` and `score` to read as a
+        whole split (the engine shards it like one). The default, `Head`, serves items and passes
+        every attribute on (`collate`); a task whose data set holds attributes about the whole split
+        (text generation's `groups`) returns one that describes only those `n`."""
+        return data if n >= len(data) else Head(data, n)
+
+    def examples(self, parts: list[Any]) -> list[dict[str, Any]]:
+        """What an evaluation decoded, one JSON-ready dict per example in the split's order, from the
+        same parts `score` got; the engine saves them beside the metrics. Empty (the default): a task
+        whose predictions are numbers has nothing worth reading there."""
+        return []
+
     def evaluate(self, model: nn.Module, loader: DataLoader, to_device) -> dict[str, float]:
         """The split's metrics, in one process."""
         return self.score([self.predict(model, loader, to_device)])
+
+
+class Head(Dataset):
+    """The first `n` items of `whole`; any other attribute is `whole`'s (a `collate`, a vocabulary)."""
+
+    def __init__(self, whole: Dataset, n: int) -> None:
+        self.whole, self.n = whole, min(n, len(whole))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.whole[i % self.n]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("whole", "n") or name.startswith("__"):  # unpickling asks before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.whole, name)
 
 
 class ClassificationTask(Task):

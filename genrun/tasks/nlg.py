@@ -71,7 +71,7 @@ class Pairs(Dataset):
     """Token ids of (MR, reference) pairs, prompt then reference then eos; `collate` pads on the right.
 
     `groups` lists each distinct MR once, in first-seen order, as (prompt ids, its references):
-    what decoding and scoring run over.
+    what decoding and scoring run over; `mrs` are their texts, and `group_of` is each pair's group.
     """
 
     def __init__(self, tokenizer: Any, pairs: list[tuple[str, str]], max_length: int) -> None:
@@ -87,12 +87,25 @@ class Pairs(Dataset):
                             f"prompt; raise it above {longest}")
         targets = tokenizer([" " + ref for _, ref in pairs], add_special_tokens=False)["input_ids"]
         self.examples = []
+        index = {mr: g for g, mr in enumerate(mrs)}
+        self.group_of = [index[mr] for mr, _ in pairs]
         for (mr, _), target in zip(pairs, targets):
             prompt = prompt_ids[mr]
             ids = (prompt + target + [self.eos])[:max_length]
             labels = [IGNORE] * len(prompt) + ids[len(prompt):]
             self.examples.append((torch.tensor(ids), torch.tensor(labels)))
         self.groups = [(prompt_ids[mr], by_mr[mr]) for mr in mrs]
+        self.mrs = mrs
+
+    def head(self, n: int) -> Pairs:
+        """The first `n` pairs and the MRs they belong to. Groups come in first-seen order, so those MRs
+        are the first groups; each keeps every one of its references, which score its decoded text as
+        the whole split would (the loss covers the `n` pairs only)."""
+        cut = object.__new__(Pairs)
+        kept = max(self.group_of[:n], default=-1) + 1
+        cut.__dict__.update(self.__dict__, examples=self.examples[:n], group_of=self.group_of[:n],
+                            groups=self.groups[:kept], mrs=self.mrs[:kept])
+        return cut
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -188,8 +201,18 @@ class GenerationTask(Task):
         whole, index, count = share_of(loader.dataset)  # texts: every count-th MR, decoded once
         chosen = range(index, self.decoded(whole), count)
         texts = self.decode(model, whole, loader.batch_size, to_device, chosen)
-        return {"loss": total, "tokens": tokens,
+        return {"loss": total, "tokens": tokens, "mrs": [whole.mrs[g] for g in chosen],
                 "texts": [(g, text, whole.groups[g][1]) for g, text in zip(chosen, texts)]}
+
+    def head(self, data: Dataset, n: int) -> Dataset:
+        """A `Pairs` of the first `n` pairs: its `groups` hold only their MRs, so decoding (and
+        `decode_limit`, and each process's every-count-th MR) runs over those MRs alone."""
+        return data.head(n) if isinstance(data, Pairs) else super().head(data, n)
+
+    def examples(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each decoded MR with its text and references, in the split's MR order."""
+        decoded = sorted((g, mr, text, refs) for p in parts for (g, text, refs), mr in zip(p["texts"], p["mrs"]))
+        return [{"mr": mr, "prediction": text, "references": refs} for _, mr, text, refs in decoded]
 
     def score(self, parts: list[dict[str, Any]]) -> dict[str, float]:
         loss = sum(p["loss"] for p in parts) / max(sum(p["tokens"] for p in parts), 1)
