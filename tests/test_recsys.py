@@ -251,9 +251,9 @@ def test_bert4rec_learns_the_synthetic_successions(genrun, tmp_path):
 
 
 def test_a_model_for_another_task_family_is_a_one_line_error(genrun, tmp_path):
-    for args, needs, fits in ((["task=ml1m"], "task.in_channels", "bert4rec"),
+    for args, needs, fits in ((["task=ml1m", "model=small_cnn"], "task.in_channels", "bert4rec"),
                               (["model=bert4rec"], "task.num_items", "small_cnn"),
-                              (["task=rosenbrock"], "task.in_channels", "point")):
+                              (["task=rosenbrock", "model=small_cnn"], "task.in_channels", "point")):
         proc = genrun(*args, f"hydra.run.dir={tmp_path / 'run'}")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert proc.stderr.count("\n") == 1 and needs in proc.stderr and fits in proc.stderr
