@@ -23,7 +23,7 @@ from genrun.report.runs import Run, load_runs
 COMBINED = "genrun-report"
 
 # Report modules, in the order they render. Each is genrun.report.<name>.
-REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "table7", "gen_suite"]
+REPORTS: list[str] = ["synthetic", "table2", "table3", "table4", "table5", "table7", "gen_suite", "gan"]
 
 
 def main(argv: list[str] | None = None) -> int:

