@@ -278,7 +278,7 @@ def test_table5_sweep_and_its_report(genrun, tmp_path):
 
 
 def test_a_classifier_on_a_detection_task_is_a_one_line_error(genrun, tmp_path):
-    proc = genrun("task=synthetic_scenes", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = genrun("task=synthetic_scenes", "model=small_cnn", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "models that fit this task: mask_rcnn" in proc.stderr
     assert not (tmp_path / "run").exists()

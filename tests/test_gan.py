@@ -19,7 +19,9 @@ GRID = 8 * 32 + 9 * 2  # 64 samples of 32 px, 8 a row, save_image's 2-px padding
 
 
 def _records(run_dir: Path, name: str) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+    """A run's records without their wall-clock seconds, which no two runs share."""
+    rows = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("time_s", "eval_s")} for row in rows]
 
 
 def _run(genrun, run_dir: Path, *args: str, code: int = 0, **kwargs) -> dict:
