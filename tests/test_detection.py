@@ -238,6 +238,18 @@ def test_table5_preset_composes_both_rows_as_the_tutorial_sets_them(compose_cfg)
             assert cfg.sched._target_ == "genrun.sched.warmup_constant" and cfg.sched.warmup == 0.5
 
 
+def test_table5_offline_preset_trains_from_scratch_with_the_warm_up_over_its_first_epoch(compose_cfg):
+    from genrun.validate import validate
+
+    for row in ("manual", "gen"):
+        cfg = compose_cfg(["+experiment=table5_offline", f"experiment/table5_row={row}"])
+        validate(cfg)
+        assert cfg.task.name == "synthetic_scenes" and cfg.model.pretrained is False
+        assert cfg.table5.row == row and ("gen" in cfg.optim) == (row == "gen")
+        if row == "manual":
+            assert cfg.sched.warmup * cfg.trainer.epochs == pytest.approx(1.0, abs=0.01)
+
+
 def test_table5_cells_are_mean_and_std_over_seeds_and_skip_empty_size_classes():
     from omegaconf import OmegaConf
 

@@ -183,14 +183,68 @@ def _celeba(root: Path, train: int, test: int) -> None:
     (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
 
 
-def test_celeba_trains_on_faces_in_the_published_layout(genrun, tmp_path):
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """FID's Inception-v3 in torch-fidelity's file format with random weights (the real ones are a
+    download): the network, its loading and the distance are the real code; only the numbers are not FID's."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as extractor
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    torch.manual_seed(0)
+    with mock.patch.object(extractor, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, state, strict=True: None):
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+    path = tmp_path_factory.mktemp("inception") / "weights-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_celeba_trains_on_faces_in_the_published_layout_and_scores_fid(genrun, tmp_path, inception_file):
     _celeba(tmp_path / "data", train=16, test=4)
     run = tmp_path / "run"
     summary = _run(genrun, run, "task=celeba", f"task.data_dir={tmp_path / 'data'}", "optim=gen_adam",
-                   "trainer.batch_size=8", "trainer.max_steps=2", "trainer.num_workers=0")
-    assert summary["status"] == "finished" and set(summary["final"]["test"]) >= {"D(x)", "D(G(z))"}
+                   f"task.fid_weights={inception_file}", "trainer.batch_size=8", "trainer.max_steps=2",
+                   "trainer.num_workers=0")
+    final = summary["final"]["test"]
+    assert summary["status"] == "finished" and set(final) >= {"D(x)", "D(G(z))", "fid"} and "fd" not in final
+    assert 0 < final["fid"] < float("inf")
     with Image.open(run / "samples" / "step2.png") as image:
         assert image.size == (8 * 64 + 9 * 2,) * 2 and image.mode == "RGB"
+
+
+def test_fid_features_see_images_in_minus_one_to_one_as_8_bit_pixels(inception_file):
+    from genrun.tasks.frechet import frechet_distance, inception
+
+    features = inception(inception_file)
+    levels = torch.randint(0, 256, (3, 3, 40, 40), generator=torch.Generator().manual_seed(1))
+    faces = levels / 127.5 - 1  # on the 8-bit grid
+    same = features.features(faces)
+    assert same.shape == (3, 2048)
+    # under half a grey level apart, the same 8-bit image; out of range, clipped as a saved image is
+    assert torch.equal(features.features((faces + 0.001).clamp(-1, 1)), same)
+    assert torch.equal(features.features(faces * 1e3), features.features(faces.sign()))
+    digits = faces[:, :1]  # one channel: grey, as three equal channels
+    assert torch.equal(features.features(digits), features.features(digits.expand(-1, 3, -1, -1)))
+    assert frechet_distance(same, same) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(same, features.features(-faces)) > 0
+
+
+def test_fid_weights_missing_or_damaged_is_one_line(genrun, tmp_path):
+    _celeba(tmp_path / "data", train=4, test=2)
+    absent, damaged = tmp_path / "none.pth", tmp_path / "damaged.pth"
+    damaged.write_bytes(b"not a checkpoint")
+    for weights, words in ((absent, ("task.download=true", "task.fid=false")), (damaged, ("delete it",))):
+        run = tmp_path / f"run_{weights.stem}"
+        proc = genrun(*TINY, "task=celeba", f"task.data_dir={tmp_path / 'data'}", f"task.fid_weights={weights}",
+                      "trainer.num_workers=0", f"hydra.run.dir={run}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("genrun: error: task.fid_weights") and str(weights) in line
+        assert all(word in line for word in words), line
+        assert not run.exists()
+    assert damaged.read_bytes() == b"not a checkpoint"  # a user's file is never removed or replaced
 
 
 def test_celeba_missing_is_one_line_naming_the_path_and_the_flag(genrun, tmp_path):

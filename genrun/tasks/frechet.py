@@ -1,11 +1,15 @@
-"""Fréchet distance between real and generated digits in a small digit classifier's feature space.
+"""Fréchet distances between real and generated images, in two feature spaces.
 
-This is not FID: FID uses Inception-v3's pool features of ImageNet-scale images, which need a
-download and mean little on 32-px digits. Here the features are the last hidden layer (64 numbers)
-of a small CNN trained once, seeded, on the real mnist5k train digits; the number is the Fréchet
-(2-Wasserstein) distance between Gaussians fitted to the features of two image sets,
-|mu_a - mu_b|^2 + tr(A + B - 2 (A^1/2 B A^1/2)^1/2), in float64. It compares runs of this code
-base with one another, never with published FIDs.
+The number is the Fréchet (2-Wasserstein) distance between Gaussians fitted to the features of
+two image sets, |mu_a - mu_b|^2 + tr(A + B - 2 (A^1/2 B A^1/2)^1/2), in float64.
+
+- FID (`inception`): the 2048 pool features of the TensorFlow Inception-v3 that FID is defined
+  with (torch-fidelity's port, loaded through torchmetrics), from the images quantized to 8-bit
+  pixels as a saved image would be. Its weights come from the internet once.
+- Digits (`classifier`): not FID. Inception's features of ImageNet-scale images mean little on
+  32-px digits, so here the features are the last hidden layer (64 numbers) of a small CNN trained
+  once, seeded, on the real mnist5k train digits. It compares runs of this code base with one
+  another, never with published FIDs.
 
 The classifier is kept on disk under a name that hashes everything it depends on (the training
 images and labels, the architecture, epochs, seed, format), written whole (genrun.atomic) under a
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from genrun import atomic
+from genrun.errors import DataMissing, UserError
 
 FORMAT = 1  # bump when the stored layout or the training recipe changes
 BATCH = 64
@@ -161,3 +166,57 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+def inception_weights() -> Path:
+    """Where torch-fidelity keeps FID's Inception weights when it downloads them (torch hub's cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+
+
+class InceptionFeatures(nn.Module):
+    """FID's feature space; `features` takes images in [-1, 1] (1 or 3 channels, any side)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return self.net(pixels)  # the network resizes to 299 px itself, as FID does
+
+
+def inception(weights: str | os.PathLike | None = None, download: bool = False) -> InceptionFeatures:
+    """FID's Inception-v3 from `weights` (None: torch hub's cache), fetched there first when absent
+    and `download` is set."""
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    except ImportError as err:
+        raise UserError(f"task.fid=true needs torchmetrics ({err}); pip install torchmetrics torch-fidelity, "
+                        "or task.fid=false") from err
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise UserError("task.fid=true needs torch-fidelity: pip install torch-fidelity, or task.fid=false")
+    path = Path(weights).expanduser() if weights else inception_weights()
+    if not path.is_file() and download:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
+        except OSError as err:  # URLError and HTTPError are OSErrors
+            raise UserError(f"task.download=true: could not fetch FID's Inception weights into {path} "
+                            f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from err
+    if not path.is_file():
+        raise DataMissing(f"task.fid_weights: no Inception weights at {path}; run once with task.download=true "
+                          f"(needs internet), save {INCEPTION_URL} there, or set task.fid=false")
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=str(path))
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, whatever torch raised
+        raise UserError(f"task.fid_weights: {path} is not torch-fidelity's Inception weights "
+                        f"({type(err).__name__}); delete it and run with task.download=true") from err
+    return InceptionFeatures(net).eval().requires_grad_(False)

