@@ -127,3 +127,20 @@ def test_gan_offline_sweep_and_its_report(genrun, tmp_path):
     assert float(cells[-1]) == pytest.approx(2e-4) and float(cells[-2]) == pytest.approx(2e-4)
     assert (sweep / "gan_curves.png").stat().st_size > 10_000
     assert (sweep / "gan_samples.png").stat().st_size > 10_000
+
+
+def test_a_celeba_sweeps_table_reports_fid_and_says_what_it_is(tmp_path):
+    from omegaconf import OmegaConf
+
+    from genrun.report import gan
+    from genrun.report.runs import Run
+
+    def run(row: str, seed: int, fid: float) -> Run:
+        cfg = OmegaConf.create({"task": {"name": "celeba"}, "gan": {"row": row}, "seed": seed})
+        final = {"test": {"fid": fid, "D(x)": 0.5, "D(G(z))": 0.4, "loss/D": 1.0, "loss/G": 2.0}}
+        return Run(tmp_path / f"{row}{seed}", cfg, {"status": "finished", "final": final})
+
+    rows = gan.collect([run("gen", 0, 30.0), run("gen", 1, 40.0), run("adam", 0, 50.0)])
+    table = gan.render_markdown(rows)
+    assert "| row | seeds | fid | D(x) |" in table and "Inception" in table and "`fd`" not in table
+    assert "| GeN-Adam | 2 | 35.000 ±5.000 |" in table and "| Adam 2e-4 (tutorial) | 1 | 50.000 |" in table

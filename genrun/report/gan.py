@@ -2,8 +2,8 @@
 Figure 12-style panel of samples.
 
 A run belongs here when its config has `gan.row` (conf/experiment/gan_row/). One table row per
-row: at the end of training, the test split's `fd` (mnist_gan only: the Fréchet distance in a
-digit classifier's feature space, not FID), `D(x)`, `D(G(z))`, `loss/D`, `loss/G`, and the last
+row: at the end of training, the test split's Fréchet distance (`fid` on celeba: FID; `fd` on
+mnist_gan: in a digit classifier's feature space, not FID), `D(x)`, `D(G(z))`, `loss/D`, `loss/G`, and the last
 logged lr of each player, averaged over seeds ± half their range. A diverged run is counted as
 such, and a finished one whose discriminator rejects every sample is flagged beside the mean.
 
@@ -20,7 +20,13 @@ from typing import Any
 
 from genrun.report.runs import Run, group_runs, mean_spread, pyplot, save_figure, train_series, write_report
 
-METRICS = ["fd", "D(x)", "D(G(z))", "loss/D", "loss/G"]
+METRICS = ["D(x)", "D(G(z))", "loss/D", "loss/G"]  # after the Fréchet distance (`distance`)
+#: What each task's Fréchet distance is, for the table's caption.
+DISTANCES = {
+    "fid": "FID between the test images and as many generated ones (Inception-v3's features)",
+    "fd": "the Fréchet distance between the test digits and as many generated ones in a small digit "
+          "classifier's feature space (not FID, and not comparable with published FIDs)",
+}
 LRS = ["lr/D", "lr/G"]
 LABEL = {"gen": "GeN-Adam", "adam": "Adam 2e-4 (tutorial)", "adam_x10": "Adam 2e-3", "adam_div10": "Adam 2e-5"}
 ORDER = ["gen", "adam", "adam_x10", "adam_div10"]
@@ -35,14 +41,19 @@ def collect(runs: list[Run]) -> dict[str, list[Run]]:
     return group_runs(runs, lambda run: run.select("gan.row"), ORDER)
 
 
+def distance(runs: list[Run]) -> str:
+    """`fid` when the runs report FID (celeba), else `fd` (mnist_gan's digit features)."""
+    return "fid" if any("fid" in run.final() for run in runs) else "fd"
+
+
 def last_lrs(run: Run) -> dict[str, float]:
     """The lr of each player in the run's last train record that has both ({} if none)."""
     series = train_series(run, tuple(LRS))
     return dict(zip(LRS, series[-1][1])) if series else {}
 
 
-def cells(members: list[Run]) -> tuple[list[str], str]:
-    """The table cells of one row (METRICS, then LRS), and a note on seeds that diverged or collapsed."""
+def cells(members: list[Run], metrics: list[str]) -> tuple[list[str], str]:
+    """The table cells of one row (`metrics`, then LRS), and a note on seeds that diverged or collapsed."""
     finished = [r for r in members if r.status == "finished" and r.final()]
     notes = []
     if diverged := sum(r.status == "diverged" for r in members):
@@ -50,7 +61,7 @@ def cells(members: list[Run]) -> tuple[list[str], str]:
     if warned := sum(bool(r.summary.get("warning")) for r in finished):
         notes.append(f"{warned} rejected every sample")
     note = f" ({', '.join(notes)})" if notes else ""
-    values = [mean_spread([r.final()[m] for r in finished if r.final().get(m) is not None], 3) for m in METRICS]
+    values = [mean_spread([r.final()[m] for r in finished if r.final().get(m) is not None], 3) for m in metrics]
     lrs = [last_lrs(r) for r in finished]
     values += [mean_spread([lr[k] for lr in lrs if lr.get(k) is not None], 7) for k in LRS]
     return values, note
@@ -59,16 +70,17 @@ def cells(members: list[Run]) -> tuple[list[str], str]:
 def render_markdown(rows: dict[str, list[Run]]) -> str:
     first = next(iter(rows.values()))[0]
     task = first.select("task.name", "?")
-    columns = METRICS + [f"final {k}" for k in LRS]
+    name = distance([run for members in rows.values() for run in members])
+    metrics = [name, *METRICS]
+    columns = metrics + [f"final {k}" for k in LRS]
     header = "| row | seeds | " + " | ".join(columns) + " |"
     lines = [f"# GAN: DCGAN on {task}, GeN-Adam against constant-lr Adam", "",
-             "Test split, end of training; mean over seeds ± half the range. `fd`: the Fréchet distance "
-             "between the test digits and as many generated ones (the task's fixed noise) in a small digit "
-             "classifier's feature space (mnist_gan only; not FID, and not comparable with published FIDs; "
-             "lower is closer). `D(x)`, `D(G(z))`: D's mean probability on real and generated images; "
+             f"Test split, end of training; mean over seeds ± half the range. `{name}`: {DISTANCES[name]}, "
+             "the generated ones from the task's fixed noise; lower is closer. "
+             "`D(x)`, `D(G(z))`: D's mean probability on real and generated images; "
              "lr: each player's last logged learning rate.", "", header, "|" + "---|" * (len(columns) + 2)]
     for row, members in rows.items():
-        values, note = cells(members)
+        values, note = cells(members, metrics)
         lines.append(f"| {LABEL.get(row, row)} | {len(members)}{note} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -104,7 +116,7 @@ def real_grid(run: Run) -> Any | None:
     from torchvision.utils import make_grid
 
     try:
-        task = instantiate(run.cfg.task, fd=False)  # only the images: no feature classifier
+        task = instantiate(run.cfg.task, fd=False, fid=False)  # only the images: no feature network
         test = task.splits()[1]
         images = [test[i][0] for i in range(min(GRID, len(test)))]
     except Exception:  # noqa: BLE001 - the panel is drawn without the real images, never fails the report
