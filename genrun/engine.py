@@ -243,6 +243,15 @@ class Records:
             if keep is not None:
                 keep(split, at.step, rows)
 
+    def images(self, at: Position, images: dict[str, Path]) -> None:
+        """An evaluation's image files by name (a GAN's samples), to the sinks that show them."""
+        if not images:
+            return
+        for sink in self.sinks:
+            show = getattr(sink, "images", None)  # optional, as `examples`
+            if show is not None:
+                show(at.step, images)
+
     def gen(self, probes: list[dict[str, Any]]) -> None:
         for record in probes:
             self._emit({"kind": "gen", **record})

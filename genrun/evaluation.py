@@ -96,6 +96,6 @@ class Evaluator:
                               eval_n=len(parallel.share_of(loader.dataset)[0]))
             self.records.examples(self.at, split, self.task.examples(parts))
         if self.run_dir is not None:
-            self.task.artifacts(model, self.run_dir, self.at.step)
+            self.records.images(self.at, self.task.artifacts(model, self.run_dir, self.at.step))
         if which is self.whole:
             self.final = results

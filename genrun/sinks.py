@@ -272,6 +272,15 @@ class WandbSink:
             raise RuntimeError("WandbSink.log called after close")
         self.run.log(wandb_payload(record))
 
+    def images(self, step: int, images: Mapping[str, str | os.PathLike]) -> None:
+        """Each image file as ``images/<name>`` at ``step`` (the files stay where the task wrote them)."""
+        import wandb
+
+        if self.run is None:
+            raise RuntimeError("WandbSink.images called after close")
+        self.run.log({**{f"images/{name}": wandb.Image(str(path)) for name, path in images.items()},
+                      "step": int(step)})
+
     def examples(self, split: str, step: int, rows: list[Mapping[str, Any]]) -> None:
         """The first ``TABLE_ROWS`` examples as a table, ``eval/<split>/examples`` at ``step``."""
         import wandb

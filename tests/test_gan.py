@@ -55,6 +55,17 @@ def test_gen_adam_trains_both_players_and_writes_samples(genrun, tmp_path):
             assert image.format == "PNG" and image.size == (GRID, GRID)
 
 
+def test_each_evaluations_samples_go_to_wandb_as_images(genrun, tmp_path):
+    run = tmp_path / "run"
+    proc = genrun(*[a for a in TINY if a != "logger=none"], "logger=wandb", "optim=adam", "trainer.max_steps=4",
+                  "trainer.eval_every=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    shown = sorted(run.glob("wandb/offline-run-*/files/media/images/images/samples_*.png"))
+    assert len(shown) == 2  # steps 2 and 4, each the grid written to samples/
+    with Image.open(shown[-1]) as image:
+        assert image.size == (GRID, GRID)
+
+
 def test_adam_on_both_players_trains_without_gen(genrun, tmp_path):
     run = tmp_path / "run"
     summary = _run(genrun, run, "optim=adam", "optim.lr=2e-4", "optim.betas=[0.5,0.999]", "trainer.max_steps=4")

@@ -411,3 +411,26 @@ def test_wandb_sink_logs_a_table_of_the_first_examples_offline(tmp_path):
     assert table["data"][0] == ["name[Café 0]", "café 0 is a pub.", "a £ ref\nanother"]
     with pytest.raises(RuntimeError):
         sink.examples("test", 2, ROWS)
+
+
+def test_wandb_sink_shows_image_files_at_their_step_and_the_file_sinks_leave_them(tmp_path):
+    pytest.importorskip("wandb")
+    from PIL import Image
+
+    png = tmp_path / "samples" / "step4.png"
+    png.parent.mkdir()
+    Image.new("RGB", (18, 10), (200, 30, 30)).save(png)
+    sink = WandbSink(tmp_path)
+    sink.log(EVAL)
+    sink.images(4, {"samples": png})
+    sink.close()
+    run = _read_run(tmp_path)
+    (logged,) = [h for h in run["history"] if "images/samples/_type" in h]
+    assert logged["images/samples/_type"] == "image-file" and logged["step"] == 4
+    assert (logged["images/samples/width"], logged["images/samples/height"]) == (18, 10)
+    (saved,) = tmp_path.glob(f"wandb/offline-run-*/files/{logged['images/samples/path']}")
+    with Image.open(saved) as image:
+        assert image.size == (18, 10) and image.getpixel((0, 0)) == (200, 30, 30)
+    assert png.is_file()  # the task's own file stays
+    with pytest.raises(RuntimeError):
+        sink.images(5, {"samples": png})

@@ -85,8 +85,10 @@ class Task:
         """The objectives to train in turn, or None: `loss` over all of `model`."""
         return None
 
-    def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> None:
-        """Write files of the evaluated `model` at `step` into `run_dir` (default: nothing)."""
+    def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> dict[str, Path]:
+        """Write files of the evaluated `model` at `step` into `run_dir` (default: nothing); the images
+        among them, by a name, are returned for the loggers that show images (W&B)."""
+        return {}
 
     def diagnose(self, results: dict[str, dict[str, float]]) -> str | None:
         """A warning when the final metrics show the run learned nothing (None: nothing to say)."""

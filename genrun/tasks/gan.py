@@ -156,7 +156,7 @@ class GanTask(Task):
         return scores
 
     @torch.no_grad()
-    def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> None:
+    def artifacts(self, model: nn.Module, run_dir: Path, step: int) -> dict[str, Path]:
         from torchvision.utils import save_image
 
         net = _net(model)
@@ -165,8 +165,9 @@ class GanTask(Task):
         folder = run_dir / "samples"
         folder.mkdir(exist_ok=True)
         # whole file or none: a reader (or a kill) never sees half a PNG
-        atomic.replace(folder / f"step{step}.png",
-                       lambda f: save_image(images, f, format="png", nrow=8, normalize=True, value_range=(-1, 1)))
+        path = folder / f"step{step}.png"
+        atomic.replace(path, lambda f: save_image(images, f, format="png", nrow=8, normalize=True, value_range=(-1, 1)))
+        return {"samples": path}
 
     def diagnose(self, results: dict[str, dict[str, float]]) -> str | None:
         for split, metrics in results.items():
