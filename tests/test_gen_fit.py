@@ -10,7 +10,7 @@ import random
 import pytest
 
 from genrun.gen.fit import ParabolaFit, fit_parabola, horizon_factor, smoothed_ratio, why_rejected
-from genrun.gen.guard import grown_ratio, guarded_ratio, kept_ratio, recovered_ratio, shrunk_ratio
+from genrun.gen.guard import concave_ratio, grown_ratio, guarded_ratio, kept_ratio, recovered_ratio, shrunk_ratio
 
 SEEDS = range(20)
 
@@ -179,6 +179,22 @@ def test_grown_ratio_only_for_curvature_below_the_loss_resolution():
     ascent = ParabolaFit(-1e-7, -1e-3, 1.0, False)
     assert grown_ratio(ascent, "curvature<=0", pts, 1e-7, 2.0) == (1.0, False)  # not a descent step
 
+
+
+def test_concave_ratio_moves_up_as_a_convex_fit_with_the_same_curvature_would():
+    weak = ParabolaFit(-0.1, 1.0, 0.999, False)    # β/|a| = 10: r = 0.9 + 0.1·10 = 1.9 before the cap
+    assert concave_ratio(weak, "curvature<=0", 0.9, 1.0, 2.0, 0.99) == (pytest.approx(math.sqrt(2.0)), True)
+    assert concave_ratio(weak, "curvature<=0", 0.9, 1.0, 9.0, 0.99) == (pytest.approx(1.9), True)  # √9 = 3
+    assert concave_ratio(weak, "curvature<=0", 0.9, 0.2, 9.0, 0.99) == (pytest.approx(1.1), True)  # × horizon
+    mild = ParabolaFit(-0.5, 1.0, 0.999, False)    # β/|a| = 2: r = 1.1
+    assert concave_ratio(mild, "curvature<=0", 0.9, 1.0, 2.0, 0.99) == (pytest.approx(1.1), True)
+    strong = ParabolaFit(-4.0, 1.0, 0.999, False)  # β/|a| = 0.25: a convex fit would lower the lr; never here
+    assert concave_ratio(strong, "curvature<=0", 0.9, 1.0, 2.0, 0.99) == (1.0, False)
+    assert concave_ratio(ParabolaFit(-0.1, 1.0, 0.9, False), "curvature<=0", 0.9, 1.0, 2.0, 0.99) == (1.0, False)
+    assert concave_ratio(ParabolaFit(-0.1, 1.0, 0.9, False), "curvature<=0", 0.9, 1.0, 2.0, None)[1]  # no R² gate
+    assert concave_ratio(ParabolaFit(-0.1, -1.0, 0.999, False), "curvature<=0", 0.9, 1.0, 2.0, 0.99) == (1.0, False)
+    assert concave_ratio(weak, "r2", 0.9, 1.0, 2.0, 0.99) == (1.0, False)          # other rejections: not this rule
+    assert concave_ratio(weak, "curvature<=0", 0.9, 1.0, None, 0.99) == (1.0, False)  # no clamp: no rule
 
 
 def test_kept_ratio_falls_by_at_most_the_clamp_and_stays_below_twice_the_minimiser():

@@ -72,7 +72,7 @@ def test_r2_gate_rejects_a_quartic_and_accepts_a_quadratic():
 
 
 @pytest.mark.parametrize("probe,loss_fn,reason", [
-    ("same", lambda w: -(w**2).sum(), "curvature<=0"),  # concave: a < 0
+    ("same", lambda w: -10.0 * (w**2).sum(), "curvature<=0"),  # concave, β/|a| = 0.5: the guard keeps
     ("same", lambda w: (w**2).sum(), "slope<=0"),       # ascent step (maximize): β < 0
     ("next", lambda w: -(w**2).sum(), "concave"),
     ("next", lambda w: (w**2).sum(), "no_descent"),
@@ -340,12 +340,31 @@ def test_history_size_keeps_the_latest_records_and_counts_all(probe):
     assert other.probes == 3 and other.accepted == 3
 
 
-def test_guard_keeps_the_rate_for_resolvable_negative_curvature():
+@pytest.mark.parametrize("scale,lr_after,grown", [(1.0, 0.14, True), (10.0, 0.1, False)])
+def test_guard_grows_on_weak_negative_curvature_and_keeps_the_rate_on_strong(scale, lr_after, grown):
+    # L = -scale·‖w‖², SGD lr 0.1: along the step β/|a| = 5/scale; weak curvature (5) grows as a convex
+    # fit with s* = 5 would (0.9 + 0.1·5 = 1.4, under the √2 cap), strong (0.5) keeps as Algorithm 1 does
     w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, guard=True)
-    rec = one_step(gen, lambda: -(w**2).sum())
-    assert rec["reason"] == "curvature<=0" and not rec["grown"] and gen.lr == 0.1
+    rec = one_step(gen, lambda: -scale * (w**2).sum())
+    assert rec["reason"] == "curvature<=0" and rec["grown"] is grown
+    assert gen.lr == pytest.approx(lr_after)
 
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_from_a_concave_plateau_the_guard_grows_until_curvature_places_a_minimiser(guard):
+    # 1 - tanh(w) from w = -3: concave (a < 0) and nearly flat until w = 0, convex and falling after;
+    # Algorithm 1 keeps a rate that crawls along the plateau, the guard grows until the fits turn convex
+    w = torch.tensor([-3.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=1.0), every=1, guard=guard)
+    for _ in range(30):
+        one_step(gen, lambda: 1.0 - torch.tanh(w).sum())
+    reasons = [r["reason"] for r in gen.history]
+    assert reasons[0] == "curvature<=0"
+    if guard:
+        assert any(r["grown"] for r in gen.history) and w.item() > 0.0 and None in reasons
+    else:
+        assert w.item() < -2.0 and gen.lr == 1.0
 
 
 @pytest.mark.parametrize("guard", [False, True])

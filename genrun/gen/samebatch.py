@@ -26,6 +26,7 @@ from .guard import (
     LOSS_ULPS,
     backtrack,
     backtrack_ratio,
+    concave_ratio,
     grown_ratio,
     guarded_ratio,
     kept_ratio,
@@ -153,8 +154,11 @@ class SameBatch:
             r, rec["grown"] = grown_ratio(fit, reason, pts, resolution, gen.max_change)
             if not rec["grown"]:
                 r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
-            if not (rec["grown"] or rec["guarded"]):
-                r, rec["shrunk"] = shrunk_ratio(fit, reason, gen.max_change)
+            if not (rec["grown"] or rec["guarded"]):  # a concave fit (grow) or an R² failure (shrink)
+                r, rec["grown"] = concave_ratio(fit, reason, gen.smoothing, rec["horizon"], gen.max_change,
+                                                gen.min_r2)
+                if not rec["grown"]:
+                    r, rec["shrunk"] = shrunk_ratio(fit, reason, gen.max_change)
             return r
         r = smoothed_ratio(fit.s_star, gen.smoothing, rec["horizon"], gen.max_change)
         if gen.guard:
