@@ -105,6 +105,11 @@ def r_squared(points: Sequence[float], dl: Sequence[float], a: float, beta: floa
     return 1.0 - sum(e * e for e in residuals) / ss_tot
 
 
+def fits_well(fit: ParabolaFit, min_r2: float | None) -> bool:
+    """The R² test of line 8: R² ≥ ``min_r2`` (passes when ``min_r2`` is None or R² is undefined)."""
+    return min_r2 is None or fit.r2 is None or fit.r2 >= min_r2
+
+
 def why_rejected(fit: ParabolaFit, finite: bool, min_r2: float | None) -> str | None:
     """Algorithm 1 line 8 as a verdict: None to accept, else the first failed test.
 
@@ -123,7 +128,7 @@ def why_rejected(fit: ParabolaFit, finite: bool, min_r2: float | None) -> str | 
         return "curvature<=0"
     if not fit.beta > 0.0:
         return "slope<=0"
-    if min_r2 is not None and fit.r2 is not None and not fit.r2 >= min_r2:
+    if not fits_well(fit, min_r2):
         return "r2"
     return None
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fit import ParabolaFit, smoothed_ratio
+from .fit import ParabolaFit, fits_well, smoothed_ratio
 from .probe import ProbeScope, probe_losses
 
 #: Most extra probe forwards a backtrack spends on one step.
@@ -174,7 +174,7 @@ def concave_ratio(
         return 1.0, False
     if not (fit.beta > 0.0 and math.isfinite(fit.beta) and math.isfinite(fit.a) and fit.a < 0.0):
         return 1.0, False
-    if min_r2 is not None and fit.r2 is not None and not fit.r2 >= min_r2:
+    if not fits_well(fit, min_r2):
         return 1.0, False
     r = min(smoothed_ratio(fit.beta / -fit.a, smoothing, horizon, max_change), math.sqrt(max_change))
     return (r, True) if r > 1.0 else (1.0, False)
