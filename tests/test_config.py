@@ -163,6 +163,7 @@ def test_every_experiment_preset_composes(compose_cfg, experiment):
         ("trainer.eval_splits=[]", "trainer.eval_splits"),
         ("trainer.eval_limit=0", "trainer.eval_limit"),
         ("trainer.eval_limit=true", "trainer.eval_limit"),
+        ("optim.gen.guard=maybe", "optim.gen.guard"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, override, key):
@@ -170,6 +171,20 @@ def test_invalid_values_name_the_key_and_the_allowed_values(compose_cfg, overrid
         validate(compose_cfg([override]))
     message = str(err.value)
     assert message.startswith(f"{key}=") and "must be" in message and "\n" not in message
+
+
+def test_guard_rules_by_name_validate_and_reach_gen(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from genrun.gen import GeN
+
+    cfg = compose_cfg(["optim.gen.guard=[backtrack,cap,keep]"])
+    validate(cfg)
+    gen = GeN(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+              **OmegaConf.to_container(cfg.optim.gen, resolve=True))
+    assert gen.rules == {"backtrack", "cap", "keep"}
+    with pytest.raises(UserError, match=r"optim.gen: guard has unknown rules \['recovr'\]: choose from .*recover"):
+        validate(compose_cfg(["optim.gen.guard=[backtrack,recovr]"]))
 
 
 def test_points_without_the_slope_need_two_non_zero_multipliers(compose_cfg):
@@ -274,3 +289,17 @@ def test_every_gen_preset_composes_and_builds_gen(compose_cfg, preset):
     if preset == "algorithm1":  # the preset and the classmethod are one setting
         assert all(getattr(gen, k) == getattr(GeN.algorithm1(opt), k) for k in ("points", "slope", "min_r2",
                                                                                "max_change", "guard", "probe"))
+
+
+def test_the_guard_ablation_sweeps_the_default_and_each_rule_left_out_once():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from genrun.gen import GUARD_RULES
+
+    params = OmegaConf.load(CONF / "experiment" / "gen_suite_ablation.yaml").hydra.sweeper.params
+    swept = OverridesParser.create().parse_overrides([f"optim.gen.guard={params['optim.gen.guard']}"])[0]
+    settings = list(swept.sweep_iterator())
+    assert settings[0] is True and len(settings) == 1 + len(GUARD_RULES)
+    left_out = [set(GUARD_RULES) - set(s) for s in settings[1:]]
+    assert all(len(s) == 1 for s in left_out) and set().union(*left_out) == set(GUARD_RULES)

@@ -430,11 +430,11 @@ def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max
 
 
 
-def _gen_with_a_chosen_rate(w: torch.Tensor, lr: float) -> GeN:
+def _gen_with_a_chosen_rate(w: torch.Tensor, lr: float, guard=True) -> GeN:
     """GeN over [w, v] whose first probe accepts a fit that keeps ``lr``: v's quadratic has its
     minimiser exactly at ``lr`` along d (s* = 1, so γ + (1-γ)s* = 1); w has no gradient yet."""
     v = torch.ones(2, dtype=F64, requires_grad=True)
-    gen = GeN(torch.optim.SGD([w, v], lr=lr), every=1, guard=True)
+    gen = GeN(torch.optim.SGD([w, v], lr=lr), every=1, guard=guard)
     before = w.detach().clone()
     rec = one_step(gen, lambda: 0.5 / lr * (v**2).sum())
     assert rec["accepted"] and gen.lr == pytest.approx(lr, rel=1e-9) and torch.equal(w.detach(), before)
@@ -503,3 +503,82 @@ def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
     restored.load_state_dict(shrunk.state_dict())
     assert restored.state_dict()["estimator"]["ceiling"] == shrunk.state_dict()["estimator"]["ceiling"]
     assert restored.state_dict()["estimator"]["chosen"] == shrunk.state_dict()["estimator"]["chosen"]
+
+
+def _cap(guard):  # L = w²/2 from lr 3: the smoothed rate overshoots, s* = 1/3 (rules 2 and 5)
+    w = torch.tensor([1.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=guard)
+    one_step(gen, lambda: 0.5 * (w**2).sum())
+    return gen
+
+
+def _backtrack(guard):  # Σw⁴ from 3 at lr 0.2: the step lands far above L0 and no parabola fits
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=guard)
+    one_step(gen, lambda: (w**4).sum())
+    return gen
+
+
+def _shrink(guard):  # Σw⁴ from 3 at lr 0.05: only R² rejects, the minimiser lies inside the step
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=guard)
+    one_step(gen, lambda: (w**4).sum())
+    return gen
+
+
+def _grow(guard):  # float32, L0 ~ 100 at lr 1e-8: every probe rounds to L0
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 8, generator=g), torch.randn(256, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    gen = GeN(torch.optim.SGD(model.parameters(), lr=1e-8), every=1, guard=guard)
+    for _ in range(4):
+        gen_call(gen, lambda: ((model(x).squeeze(1) - y) ** 2).mean() + 100.0)
+    return gen
+
+
+def _concave(guard):  # L = -‖w‖², lr 0.1: a well-fitted concave fit with β/|a| = 5
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, guard=guard)
+    one_step(gen, lambda: -(w**2).sum())
+    return gen
+
+
+def _recover(guard):  # a fit chose 0.2, a backtrack cut it, then fits with η* = 0.5 bring it back
+    w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
+    gen = _gen_with_a_chosen_rate(w, 0.2, guard)
+    one_step(gen, lambda: (w**4).sum())
+    for _ in range(3):
+        one_step(gen, lambda: 0.5 / 0.5 * (w**2).sum())
+    return gen
+
+
+RULE_CASES = {  # a rule, the run where it acts, and what shows it acted
+    "backtrack": (_backtrack, lambda gen: gen.history[0]["guarded"] and gen.lr < 0.1),
+    "cap": (_cap, lambda gen: gen.history[0]["guarded"]),
+    "shrink": (_shrink, lambda gen: gen.history[0]["shrunk"]),
+    "grow": (_grow, lambda gen: all(r["grown"] or r["accepted"] for r in gen.history) and gen.lr == 16e-8),
+    "concave": (_concave, lambda gen: gen.history[0]["grown"]),
+    "keep": (_cap, lambda gen: gen.lr == pytest.approx(1.5)),  # without it: 3·s* = 1
+    "recover": (_recover, lambda gen: any(r["recovered"] for r in gen.history)),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_CASES))
+def test_each_guard_rule_acts_alone_and_can_be_left_out_by_name(rule):
+    from genrun.gen.guard import GUARD_RULES
+
+    run, acted = RULE_CASES[rule]
+    assert set(RULE_CASES) == set(GUARD_RULES)
+    assert acted(run(True)) and acted(run(list(GUARD_RULES)))
+    without = run([r for r in GUARD_RULES if r != rule])
+    assert not acted(without) and not acted(run(False))
+
+
+def test_guard_given_no_rules_is_algorithm_1s_decisions():
+    plain, empty = _shrink(False), _shrink([])
+    assert plain.lr == empty.lr and plain.history[0]["ratio"] == empty.history[0]["ratio"]
+    with pytest.raises(ValueError, match=r"guard has unknown rules \['bactrack'\]"):
+        GeN(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), guard=["bactrack"])
+    with pytest.raises(ValueError, match="guard must be True, False or a list of rule names"):
+        GeN(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), guard="all")

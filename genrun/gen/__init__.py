@@ -7,5 +7,6 @@ update direction.  Nothing here imports the rest of ``genrun``.
 
 from .fit import ParabolaFit, fit_parabola, horizon_factor
 from .gen import GeN
+from .guard import GUARD_RULES
 
-__all__ = ["GeN", "ParabolaFit", "fit_parabola", "horizon_factor"]
+__all__ = ["GUARD_RULES", "GeN", "ParabolaFit", "fit_parabola", "horizon_factor"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from .distributed import distributed_active, reduce_stats
 from .nextbatch import NextBatch
 from .probe import rng_state
 from .samebatch import SameBatch
-from .validate import check_arguments
+from .validate import check_arguments, check_guard
 
 Closure = Callable[[], Any]
 
@@ -49,7 +49,8 @@ class GeN:
             ``scaler.update()``); a step it skips is not measured.
         snapshot: ``"device"`` or ``"cpu"``: where the copies of the parameters live.
         probe: ``"same"`` (the training batch, default) or ``"next"``.
-        guard: the rules of :mod:`genrun.gen.guard` (True).
+        guard: the rules of :mod:`genrun.gen.guard`: True (all), False (none) or a collection
+            of rule names from ``genrun.gen.GUARD_RULES``, e.g. all but ``"recover"`` to measure that rule.
         points: the multipliers s of step 1 ((-1, 0, 1)).
         min_r2: the fit's acceptance threshold (0.99; None: no R² gate).
         slope: take β from the gradient and fit only a (True).
@@ -76,7 +77,7 @@ class GeN:
         scaler: Any = None,
         snapshot: str = "device",
         probe: str = "same",
-        guard: bool = True,
+        guard: bool | Collection[str] = True,
         points: Sequence[float] = (-1.0, 0.0, 1.0),
         min_r2: float | None = 0.99,
         slope: bool = True,
@@ -98,6 +99,7 @@ class GeN:
         self.snapshot, self.probe, self.min_r2, self.slope, self.mode = snapshot, probe, min_r2, slope, mode
         self.init_search, self.distributed, self.sharded = init_search, distributed, sharded
         self.guard = guard
+        self.rules = check_guard(guard)  # the guard rules in force, by name
         self.history: list[dict[str, Any]] = []
         self.history_size = history_size
         self.probes = 0    # probe records ever made (history may keep only the last ones)

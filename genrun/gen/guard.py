@@ -7,11 +7,15 @@ In the order :meth:`genrun.gen.samebatch.SameBatch.decide` applies them (each a 
 2. cap (``guarded``, accepted fit): the parabola or a probe says the smoothed rate raises the
    loss: this step goes to the fitted minimiser (:func:`guarded_ratio`);
 3. shrink (``shrunk``): only R² rejected and the minimiser lies inside the step (:func:`shrunk_ratio`);
-4. grow (``grown``): a rejected fit whose curvature is within the loss's rounding (:func:`grown_ratio`),
-   or a well-fitted concave one that places no minimiser near the step (:func:`concave_ratio`);
+4. grow (``grown``): a rejected fit whose curvature is within the loss's rounding (:func:`grown_ratio`);
+   4b. concave (``grown``): a well-fitted concave one that places no minimiser near the step
+   (:func:`concave_ratio`);
 5. keep: after a cap the lr falls by at most the clamp, staying below 2·s* (:func:`kept_ratio`);
 6. recover (``recovered``): after a backtrack or shrink, an accepted fit may restore the cut
    rate at once (:func:`recovered_ratio`).
+
+``GeN(guard=...)`` takes True (every rule), False (none: Algorithm 1's decisions) or a collection
+of the rules' names (:data:`GUARD_RULES`, the words above), to measure what each rule adds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from torch import Tensor
 
 from .fit import ParabolaFit, fits_well, smoothed_ratio
 from .probe import ProbeScope, probe_losses
+
+#: The rules by name, in the order above (4b, growth on a concave fit, is ``"concave"``).
+GUARD_RULES = ("backtrack", "cap", "shrink", "grow", "concave", "keep", "recover")
 
 #: Most extra probe forwards a backtrack spends on one step.
 GUARD_TRIES = 8

@@ -91,7 +91,8 @@ class SameBatch:
                     r = self.fit(gen, rec, closure, loss, snap, scope, head, device, lr0)
         finally:
             snap.place(r)  # w_t - r·δ; r = 1 (w_{t+1} bit-exactly) if anything failed
-        lr_r = kept_ratio(r, gen.max_change) if rec["accepted"] and not searching else r
+        kept = rec["accepted"] and not searching and "keep" in gen.rules
+        lr_r = kept_ratio(r, gen.max_change) if kept else r
         if lr_r != 1.0:
             gen._scale_lrs(lr_r)
         if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"]:  # a backtrack or a shrink: r < 1
@@ -148,23 +149,26 @@ class SameBatch:
         eta = lr0 if lr0 != 0 else math.nan
         rec.update(a_s=fit.a, beta_s=fit.beta, r2=fit.r2, A=fit.a / eta**2, b=fit.beta / eta,
                    eta_star=lr0 * fit.s_star, reason=reason, accepted=reason is None)
+        on = gen.rules
         if reason is not None:
-            if not gen.guard or reason == "skipped_step":
+            if reason == "skipped_step":
                 return 1.0
-            r, rec["grown"] = grown_ratio(fit, reason, pts, resolution, gen.max_change)
-            if not rec["grown"]:
+            r = 1.0
+            if "grow" in on:
+                r, rec["grown"] = grown_ratio(fit, reason, pts, resolution, gen.max_change)
+            if "backtrack" in on and not rec["grown"]:
                 r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
-            if not (rec["grown"] or rec["guarded"]):  # a concave fit (grow) or an R² failure (shrink)
+            if "concave" in on and not (rec["grown"] or rec["guarded"]):
                 r, rec["grown"] = concave_ratio(fit, reason, gen.smoothing, rec["horizon"], gen.max_change,
                                                 gen.min_r2)
-                if not rec["grown"]:
-                    r, rec["shrunk"] = shrunk_ratio(fit, reason, gen.max_change)
+            if "shrink" in on and not (rec["grown"] or rec["guarded"]):  # only an R² failure shrinks
+                r, rec["shrunk"] = shrunk_ratio(fit, reason, gen.max_change)
             return r
         r = smoothed_ratio(fit.s_star, gen.smoothing, rec["horizon"], gen.max_change)
-        if gen.guard:
-            if self.ceiling is not None and lr0 > 0.0:
-                raised = recovered_ratio(r, fit.s_star, rec["horizon"], gen.max_change, self.ceiling / lr0)
-                r, rec["recovered"] = raised, raised > r
+        if "recover" in on and self.ceiling is not None and lr0 > 0.0:
+            raised = recovered_ratio(r, fit.s_star, rec["horizon"], gen.max_change, self.ceiling / lr0)
+            r, rec["recovered"] = raised, raised > r
+        if "cap" in on:
             r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
 

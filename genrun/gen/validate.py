@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
+from .guard import GUARD_RULES
+
 HORIZONS = (None, "none", "linear", "cosine")
 
 
@@ -37,6 +39,19 @@ def check_points(points: Sequence[float], slope: bool) -> tuple[float, ...]:
             f"(two unknowns a and β), got {points!r}"
         )
     return pts
+
+
+def check_guard(guard: Any) -> frozenset[str]:
+    """The guard's rules: True (all), False (none) or a collection of rule names."""
+    if isinstance(guard, bool):
+        return frozenset(GUARD_RULES) if guard else frozenset()
+    names = list(guard) if isinstance(guard, (list, tuple, set, frozenset)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"guard must be True, False or a list of rule names {list(GUARD_RULES)}, got {guard!r}")
+    unknown = sorted(set(names) - set(GUARD_RULES))
+    if unknown:
+        raise ValueError(f"guard has unknown rules {unknown}: choose from {list(GUARD_RULES)}")
+    return frozenset(names)
 
 
 def check_arguments(
@@ -74,7 +89,7 @@ def check_arguments(
         raise ValueError(f"min_r2 must be None or a number <= 1, got {min_r2!r}")
     if max_change is not None and (not _is_real(max_change) or not max_change > 1.0):
         raise ValueError(f"max_change must be None or a number > 1, got {max_change!r}")
-    for name, value in (("slope", slope), ("init_search", init_search), ("guard", guard), ("sharded", sharded)):
+    for name, value in (("slope", slope), ("init_search", init_search), ("sharded", sharded)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     if mode not in ("fit", "exact"):
@@ -95,4 +110,5 @@ def check_arguments(
         raise ValueError(f"model must be None or a torch.nn.Module, got {type(model).__name__}")
     if scaler is not None and not callable(getattr(scaler, "step", None)):
         raise ValueError(f"scaler must be None or a GradScaler (an object with .step(optimizer)), got {scaler!r}")
+    check_guard(guard)
     return check_points(points, slope if mode == "fit" else True)
