@@ -90,16 +90,16 @@ class GeN:
         self.points = check_arguments(
             optimizer, every=every, smoothing=smoothing, points=points, min_r2=min_r2, max_change=max_change,
             slope=slope, mode=mode, horizon=horizon, total_steps=total_steps, init_search=init_search,
-            snapshot=snapshot, model=model, scaler=scaler, probe=probe, guard=guard, distributed=distributed,
+            snapshot=snapshot, model=model, scaler=scaler, probe=probe, distributed=distributed,
             sharded=sharded, history_size=history_size,
         )
+        self.rules = check_guard(guard)  # the guard rules in force, by name
         self.optimizer = optimizer
         self.every, self.smoothing, self.max_change = every, smoothing, max_change
         self.horizon, self.total_steps, self.model, self.scaler = horizon, total_steps, model, scaler
         self.snapshot, self.probe, self.min_r2, self.slope, self.mode = snapshot, probe, min_r2, slope, mode
         self.init_search, self.distributed, self.sharded = init_search, distributed, sharded
         self.guard = guard
-        self.rules = check_guard(guard)  # the guard rules in force, by name
         self.history: list[dict[str, Any]] = []
         self.history_size = history_size
         self.probes = 0    # probe records ever made (history may keep only the last ones)

@@ -71,12 +71,13 @@ def check_arguments(
     model: Any,
     scaler: Any,
     probe: Any,
-    guard: Any,
     distributed: Any,
     sharded: Any,
     history_size: Any = None,
 ) -> tuple[float, ...]:
-    """Raise ValueError/TypeError for a bad argument; return the normalised points."""
+    """Raise ValueError/TypeError for a bad argument; return the normalised points.
+
+    ``guard`` is checked, and turned into its rules, by :func:`check_guard`."""
     if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "step")):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not _is_int(every) or every < 1:
@@ -110,5 +111,4 @@ def check_arguments(
         raise ValueError(f"model must be None or a torch.nn.Module, got {type(model).__name__}")
     if scaler is not None and not callable(getattr(scaler, "step", None)):
         raise ValueError(f"scaler must be None or a GradScaler (an object with .step(optimizer)), got {scaler!r}")
-    check_guard(guard)
     return check_points(points, slope if mode == "fit" else True)
