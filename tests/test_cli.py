@@ -12,6 +12,7 @@ import torch
 
 from conftest import GENRUN, PATIENCE, ROOT
 from genrun import __version__ as genrun_version
+from genrun.gen import GUARD_RULES
 
 FAST = ["+experiment=fast", "trainer.progress=off"]
 
@@ -46,6 +47,7 @@ def test_default_run_trains_digits_with_gen_sgd_to_95_percent(genrun, tmp_path):
     probes = read_jsonl(run_dir / "gen.jsonl")
     assert len(probes) == summary["gen"]["probes"]
     assert {"step", "lr_before", "lr_after", "eta_star", "A", "b", "r2", "accepted"} <= set(probes[0])
+    assert set(GUARD_RULES) <= set(probes[0])  # one flag per guard rule in every record
     # the printed summary names the test accuracy, the final lr, the wall time and the run dir
     out = proc.stdout
     assert "acc" in out and "final lr" in out and str(run_dir.name) in out

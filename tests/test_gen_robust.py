@@ -347,7 +347,7 @@ def test_guard_grows_on_weak_negative_curvature_and_keeps_the_rate_on_strong(sca
     w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=0.1), every=1, guard=True)
     rec = one_step(gen, lambda: -scale * (w**2).sum())
-    assert rec["reason"] == "curvature<=0" and rec["grown"] is grown
+    assert rec["reason"] == "curvature<=0" and rec["concave"] is grown and not rec["grow"]
     assert gen.lr == pytest.approx(lr_after)
 
 
@@ -362,7 +362,7 @@ def test_from_a_concave_plateau_the_guard_grows_until_curvature_places_a_minimis
     reasons = [r["reason"] for r in gen.history]
     assert reasons[0] == "curvature<=0"
     if guard:
-        assert any(r["grown"] for r in gen.history) and w.item() > 0.0 and None in reasons
+        assert any(r["grow"] or r["concave"] for r in gen.history) and w.item() > 0.0 and None in reasons
     else:
         assert w.item() < -2.0 and gen.lr == 1.0
 
@@ -383,10 +383,10 @@ def test_from_a_tiny_lr_the_guard_climbs_at_the_clamp_every_probe(guard, offset,
         gen_call(gen, f)
     assert any(r["reason"] == reason for r in gen.history)
     if guard:
-        assert all(r["accepted"] or r["grown"] for r in gen.history)
+        assert all(r["accepted"] or r["grow"] for r in gen.history)
         assert gen.lr == pytest.approx(lr * 2**12)
     else:
-        assert not any(r["grown"] for r in gen.history) and gen.lr < lr * 2**4
+        assert not any(r["grow"] for r in gen.history) and gen.lr < lr * 2**4
 
 
 
@@ -404,7 +404,7 @@ def test_guard_caps_a_lagging_rate_at_the_fitted_minimiser(guard):
     w = torch.tensor([1.0], dtype=F64, requires_grad=True)
     gen = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=guard)
     rec = one_step(gen, lambda: 0.5 * (w**2).sum())
-    assert rec["accepted"] and rec["guarded"] is guard
+    assert rec["accepted"] and rec["cap"] is guard
     if guard:
         assert rec["ratio"] == pytest.approx(1 / 3, rel=1e-12)
         assert w.item() == pytest.approx(0.0, abs=1e-12)  # this step lands on the minimiser
@@ -422,8 +422,8 @@ def test_guard_shrinks_to_the_minimiser_when_only_the_r2_gate_rejects(guard, max
     gen = GeN(torch.optim.SGD([w], lr=0.05), every=1, guard=guard, max_change=max_change)
     rec = one_step(gen, lambda: (w**4).sum())
     s_star = rec["beta_s"] / rec["a_s"]
-    assert rec["reason"] == "r2" and not rec["guarded"] and 0.1 < s_star < 0.15
-    assert rec["shrunk"] is guard
+    assert rec["reason"] == "r2" and not rec["backtrack"] and 0.1 < s_star < 0.15
+    assert rec["shrink"] is guard
     expected = 1.0 if not guard else (0.5 if max_change else s_star)
     assert rec["ratio"] == pytest.approx(expected, rel=1e-12) and gen.lr == pytest.approx(0.05 * expected)
     assert w.detach() == pytest.approx(torch.full((4,), 3.0 - expected * 5.4, dtype=F64))  # this step shrank too
@@ -450,7 +450,7 @@ def test_after_a_cut_accepted_fits_restore_the_rate_up_to_the_one_cut(eta_star):
     gen = _gen_with_a_chosen_rate(w, 0.2)
     top = gen.lr
     cut = one_step(gen, lambda: (w**4).sum())
-    assert cut["reason"] == "r2" and cut["guarded"] and gen.lr < 0.1
+    assert cut["reason"] == "r2" and cut["backtrack"] and gen.lr < 0.1
     assert gen.state_dict()["estimator"]["ceiling"] == top
     for _ in range(6):
         lr = gen.lr
@@ -461,10 +461,10 @@ def test_after_a_cut_accepted_fits_restore_the_rate_up_to_the_one_cut(eta_star):
         if lr < min(eta_star, top) * (1 - 1e-9):
             target = min(eta_star, 2 * lr, top)
             assert gen.lr == pytest.approx(target, rel=1e-9)
-            assert rec["recovered"] is (target > lr * smoothed * (1 + 1e-9))
+            assert rec["recover"] is (target > lr * smoothed * (1 + 1e-9))
         else:  # regained: plain smoothing from here on
-            assert not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed, rel=1e-9)
-    recovered = [r["recovered"] for r in gen.history[2:]]
+            assert not rec["recover"] and rec["ratio"] == pytest.approx(smoothed, rel=1e-9)
+    recovered = [r["recover"] for r in gen.history[2:]]
     assert recovered.count(True) >= 2 and recovered[-1] is False
     assert (gen.state_dict()["estimator"]["ceiling"] is None) is (eta_star > 0.2)  # cleared once the lr is back at 0.2
 
@@ -476,10 +476,10 @@ def test_a_cut_restores_at_most_a_rate_a_fit_chose():
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     fresh = GeN(torch.optim.SGD([w], lr=0.2), every=1, guard=True)
     cut = one_step(fresh, lambda: (w**4).sum())
-    assert cut["guarded"] and not cut["accepted"] and fresh.state_dict()["estimator"]["ceiling"] is None
+    assert cut["backtrack"] and not cut["accepted"] and fresh.state_dict()["estimator"]["ceiling"] is None
     rec = one_step(fresh, lambda: 0.5 / 0.15 * (w**2).sum())
     smoothed = min(0.9 + 0.1 * rec["eta_star"] / rec["lr_before"], 2.0)
-    assert rec["accepted"] and not rec["recovered"] and rec["ratio"] == pytest.approx(smoothed)
+    assert rec["accepted"] and not rec["recover"] and rec["ratio"] == pytest.approx(smoothed)
     # a fit chose 0.05, a grow (rule 4) or the caller raised the lr to 0.2 since: restore only to 0.05
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     gen = _gen_with_a_chosen_rate(w, 0.05)
@@ -494,11 +494,11 @@ def test_a_cap_or_a_shrink_sets_the_ceiling_only_when_the_fit_was_rejected():
     capped = GeN(torch.optim.SGD([w], lr=3.0), every=1, guard=True)
     rec = one_step(capped, lambda: 0.5 * (w**2).sum())
     # rule 5 bounds it
-    assert rec["accepted"] and rec["guarded"] and capped.state_dict()["estimator"]["ceiling"] is None
+    assert rec["accepted"] and rec["cap"] and capped.state_dict()["estimator"]["ceiling"] is None
     w = torch.full((4,), 3.0, dtype=F64, requires_grad=True)
     shrunk = _gen_with_a_chosen_rate(w, 0.05)
     rec = one_step(shrunk, lambda: (w**4).sum())
-    assert rec["shrunk"] and shrunk.state_dict()["estimator"]["ceiling"] == pytest.approx(0.05, rel=1e-9)
+    assert rec["shrink"] and shrunk.state_dict()["estimator"]["ceiling"] == pytest.approx(0.05, rel=1e-9)
     restored = GeN(torch.optim.SGD([w], lr=0.025), every=1, guard=True)
     restored.load_state_dict(shrunk.state_dict())
     assert restored.state_dict()["estimator"]["ceiling"] == shrunk.state_dict()["estimator"]["ceiling"]
@@ -554,13 +554,13 @@ def _recover(guard):  # a fit chose 0.2, a backtrack cut it, then fits with η* 
 
 
 RULE_CASES = {  # a rule, the run where it acts, and what shows it acted
-    "backtrack": (_backtrack, lambda gen: gen.history[0]["guarded"] and gen.lr < 0.1),
-    "cap": (_cap, lambda gen: gen.history[0]["guarded"]),
-    "shrink": (_shrink, lambda gen: gen.history[0]["shrunk"]),
-    "grow": (_grow, lambda gen: all(r["grown"] or r["accepted"] for r in gen.history) and gen.lr == 16e-8),
-    "concave": (_concave, lambda gen: gen.history[0]["grown"]),
-    "keep": (_cap, lambda gen: gen.lr == pytest.approx(1.5)),  # without it: 3·s* = 1
-    "recover": (_recover, lambda gen: any(r["recovered"] for r in gen.history)),
+    "backtrack": (_backtrack, lambda gen: gen.history[0]["backtrack"] and gen.lr < 0.1),
+    "cap": (_cap, lambda gen: gen.history[0]["cap"]),
+    "shrink": (_shrink, lambda gen: gen.history[0]["shrink"]),
+    "grow": (_grow, lambda gen: all(r["grow"] or r["accepted"] for r in gen.history) and gen.lr == 16e-8),
+    "concave": (_concave, lambda gen: gen.history[0]["concave"]),
+    "keep": (_cap, lambda gen: gen.history[0]["keep"] and gen.lr == pytest.approx(1.5)),  # without it: 3·s* = 1
+    "recover": (_recover, lambda gen: any(r["recover"] for r in gen.history)),
 }
 
 
@@ -571,8 +571,12 @@ def test_each_guard_rule_acts_alone_and_can_be_left_out_by_name(rule):
     run, acted = RULE_CASES[rule]
     assert set(RULE_CASES) == set(GUARD_RULES)
     assert acted(run(True)) and acted(run(list(GUARD_RULES)))
-    without = run([r for r in GUARD_RULES if r != rule])
-    assert not acted(without) and not acted(run(False))
+    without, plain = run([r for r in GUARD_RULES if r != rule]), run(False)
+    assert not acted(without) and not acted(plain)
+    # the record's flag for a rule is set only while that rule is in force
+    assert any(r[rule] for r in run(True).history)
+    assert not any(r[rule] for r in without.history)
+    assert not any(r[name] for r in plain.history for name in GUARD_RULES)
 
 
 def test_guard_given_no_rules_is_algorithm_1s_decisions():

@@ -139,7 +139,7 @@ def test_default_gen_sgd_from_its_default_lr_diverges_unguarded_and_converges_gu
         guarded = _run(task, sgd, guard=True)
         assert not guarded["diverged"] and guarded["f"] < 0.5 * start
         backtracked = [r for r in guarded["gen"].history if "guard_points" in r]
-        assert backtracked and all(r["guarded"] and not r["accepted"] for r in backtracked)
+        assert backtracked and all(r["backtrack"] and not r["accepted"] for r in backtracked)
     # plain gradient descent (momentum 0), the paper's setting: converges on both
     assert guarded["f"] < 0.01 * start
 
@@ -153,7 +153,7 @@ def test_a_capped_lr_stays_below_twice_the_minimiser(lr, monkeypatch):
     sgd = lambda p: torch.optim.SGD(p, lr=lr)  # noqa: E731
     kept = _run(Rosenbrock(), sgd, iters=200, guard=True)
     first = kept["gen"].history[0]
-    assert first["accepted"] and first["guarded"] and first["lr_after"] <= 2 * first["ratio"] * lr
+    assert first["accepted"] and first["cap"] and first["lr_after"] <= 2 * first["ratio"] * lr
     assert not kept["diverged"]
     monkeypatch.setattr("genrun.gen.samebatch.kept_ratio", lambda r, max_change: max(r, 1.0 / max_change))
     assert _run(Rosenbrock(), sgd, iters=200, guard=True)["diverged"]
@@ -191,7 +191,7 @@ def test_guard_reprobes_until_the_step_no_longer_raises_the_loss():
     loss.backward()
     gen.step(lambda: (w**4).sum(), loss=loss.detach())
     rec = gen.history[-1]
-    assert not rec["accepted"] and rec["guarded"]
+    assert not rec["accepted"] and rec["backtrack"]
     assert rec["guard_points"][0] < 0.5 and len(rec["guard_points"]) == len(rec["guard_losses"])
     assert rec["guard_losses"][-1] <= 1.0  # the step finally taken does not raise L
     assert float((w.detach() ** 4).sum()) < 1.0

@@ -1,18 +1,22 @@
 """The guard: rules beyond Algorithm 1 for ``probe="same"``, each acting only on what this step's probes show.
 
-In the order :meth:`genrun.gen.samebatch.SameBatch.decide` applies them (each a key in a record):
+The rules, numbered as the docs number them; each record of ``GeN.history`` has one flag per rule,
+named after it, true when that rule changed this probe's decision:
 
-1. backtrack (``guarded``, rejected fit): a probe inside the step rose above L0 along a descent
-   direction: cut the step by safeguarded quadratic interpolation, re-probing (:func:`backtrack`);
-2. cap (``guarded``, accepted fit): the parabola or a probe says the smoothed rate raises the
-   loss: this step goes to the fitted minimiser (:func:`guarded_ratio`);
-3. shrink (``shrunk``): only R² rejected and the minimiser lies inside the step (:func:`shrunk_ratio`);
-4. grow (``grown``): a rejected fit whose curvature is within the loss's rounding (:func:`grown_ratio`);
-   4b. concave (``grown``): a well-fitted concave one that places no minimiser near the step
-   (:func:`concave_ratio`);
+1. backtrack (rejected fit): a probe inside the step rose above L0 along a descent direction: cut
+   the step by safeguarded quadratic interpolation, re-probing (:func:`backtrack`);
+2. cap (accepted fit): the parabola or a probe says the smoothed rate raises the loss: this step goes
+   to the fitted minimiser (:func:`guarded_ratio`);
+3. shrink: only R² rejected and the minimiser lies inside the step (:func:`shrunk_ratio`);
+4. grow: a rejected fit whose curvature is within the loss's rounding (:func:`grown_ratio`);
+   4b. concave: a well-fitted concave one that places no minimiser near the step (:func:`concave_ratio`);
 5. keep: after a cap the lr falls by at most the clamp, staying below 2·s* (:func:`kept_ratio`);
-6. recover (``recovered``): after a backtrack or shrink, an accepted fit may restore the cut
-   rate at once (:func:`recovered_ratio`).
+6. recover: after a backtrack or shrink, an accepted fit may restore the cut rate at once
+   (:func:`recovered_ratio`).
+
+:meth:`genrun.gen.samebatch.SameBatch.decide` tests a rejected fit for grow first (a rise within
+the loss's rounding is no rise), then backtrack, concave and shrink, and the first that acts
+decides; an accepted fit gets line 9, then recover, cap and keep in turn.
 
 ``GeN(guard=...)`` takes True (every rule), False (none: Algorithm 1's decisions) or a collection
 of the rules' names (:data:`GUARD_RULES`, the words above), to measure what each rule adds.

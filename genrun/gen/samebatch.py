@@ -22,6 +22,7 @@ from torch import Tensor
 from .exact import curvature_along
 from .fit import ParabolaFit, fit_parabola, horizon_factor, smoothed_ratio, why_rejected
 from .guard import (
+    GUARD_RULES,
     GUARD_TRIES,
     LOSS_ULPS,
     backtrack,
@@ -69,8 +70,8 @@ class SameBatch:
             "step": t, "mode": "init_search" if searching else gen.mode, "lr_before": lr0, "lr_after": lr0,
             "ratio": 1.0, "eta_star": None, "A": None, "b": None, "a_s": None, "beta_s": None, "r2": None,
             "accepted": False, "reason": None, "points": [], "losses": [],
-            "horizon": horizon_factor(gen.horizon, t, gen.total_steps), "guarded": False, "shrunk": False,
-            "grown": False, "recovered": False, "delta_norm": None,
+            "horizon": horizon_factor(gen.horizon, t, gen.total_steps), "delta_norm": None,
+            **dict.fromkeys(GUARD_RULES, False),  # one flag per guard rule: did it act on this probe
         }
         params = snap.params
         device = loss.device if isinstance(loss, Tensor) else (params[0].device if params else torch.device("cpu"))
@@ -93,9 +94,10 @@ class SameBatch:
             snap.place(r)  # w_t - r·δ; r = 1 (w_{t+1} bit-exactly) if anything failed
         kept = rec["accepted"] and not searching and "keep" in gen.rules
         lr_r = kept_ratio(r, gen.max_change) if kept else r
+        rec["keep"] = lr_r != r
         if lr_r != 1.0:
             gen._scale_lrs(lr_r)
-        if (rec["guarded"] or rec["shrunk"]) and not rec["accepted"]:  # a backtrack or a shrink: r < 1
+        if rec["backtrack"] or rec["shrink"]:  # cuts after a rejected fit: r < 1
             # restore at most a rate a fit chose: not the caller's η0, nor one rule 4 grew to
             self.ceiling = None if self.chosen is None else min(lr0, self.chosen)
         elif self.ceiling is not None and gen.lr >= self.ceiling:
@@ -125,7 +127,7 @@ class SameBatch:
         ref = loss if isinstance(loss, Tensor) and loss.is_floating_point() else snap.params[0]
         resolution = LOSS_ULPS * torch.finfo(ref.dtype).eps * abs(l0)  # the closure's rounding
         r = self.decide(gen, rec, fit, why_rejected(fit, finite, gen.min_r2), pts, losses, l0, lr0, resolution)
-        if rec["guarded"] and not rec["accepted"]:
+        if rec["backtrack"]:
             r, rec["guard_points"], rec["guard_losses"] = backtrack(
                 closure, snap.place, scope, device, r, l0, fit.beta, lambda v: gen._reduce(v, 0)[0], GUARD_TRIES)
         return r
@@ -155,21 +157,21 @@ class SameBatch:
                 return 1.0
             r = 1.0
             if "grow" in on:
-                r, rec["grown"] = grown_ratio(fit, reason, pts, resolution, gen.max_change)
-            if "backtrack" in on and not rec["grown"]:
-                r, rec["guarded"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
-            if "concave" in on and not (rec["grown"] or rec["guarded"]):
-                r, rec["grown"] = concave_ratio(fit, reason, gen.smoothing, rec["horizon"], gen.max_change,
-                                                gen.min_r2)
-            if "shrink" in on and not (rec["grown"] or rec["guarded"]):  # only an R² failure shrinks
-                r, rec["shrunk"] = shrunk_ratio(fit, reason, gen.max_change)
+                r, rec["grow"] = grown_ratio(fit, reason, pts, resolution, gen.max_change)
+            if "backtrack" in on and not rec["grow"]:
+                r, rec["backtrack"] = backtrack_ratio(1.0, pts, losses, l0, fit.beta)
+            if "concave" in on and not (rec["grow"] or rec["backtrack"]):
+                r, rec["concave"] = concave_ratio(fit, reason, gen.smoothing, rec["horizon"], gen.max_change,
+                                                  gen.min_r2)
+            if "shrink" in on and not (rec["grow"] or rec["backtrack"] or rec["concave"]):  # only an R² failure
+                r, rec["shrink"] = shrunk_ratio(fit, reason, gen.max_change)
             return r
         r = smoothed_ratio(fit.s_star, gen.smoothing, rec["horizon"], gen.max_change)
         if "recover" in on and self.ceiling is not None and lr0 > 0.0:
             raised = recovered_ratio(r, fit.s_star, rec["horizon"], gen.max_change, self.ceiling / lr0)
-            r, rec["recovered"] = raised, raised > r
+            r, rec["recover"] = raised, raised > r
         if "cap" in on:
-            r, rec["guarded"] = guarded_ratio(r, fit, pts, losses, l0)
+            r, rec["cap"] = guarded_ratio(r, fit, pts, losses, l0)
         return r
 
     def state_dict(self, gen: GeN) -> dict[str, Any]:
