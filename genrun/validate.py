@@ -88,7 +88,7 @@ GEN_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("snapshot", _one_of("device", "cpu"), "device or cpu"),
     ("probe", _one_of("same", "next"), "same or next"),
     ("guard", lambda v: isinstance(v, bool) or _split_names(v),
-     "true, false or a list of guard rules, e.g. [backtrack,cap,shrink,grow,concave,keep] (all but recover)"),
+     "true, false or a list of guard rules, e.g. [backtrack,cap,shrink,grow,concave,keep,fill] (all but recover)"),
     ("history_size", _optional(_int_at_least(1)), "null or an integer >= 1"),
 ]
 

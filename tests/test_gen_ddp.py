@@ -25,7 +25,7 @@ def _worker(rank, world, port, out_dir, probe):
         torch.manual_seed(0)  # same initial weights on every rank (DDP also broadcasts them)
         model = nn.parallel.DistributedDataParallel(
             nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.5)  # fills fast: rule 7 lets the lr move
         gen = GeN(opt, every=1, model=model, probe=probe)
         g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
         local_losses = []

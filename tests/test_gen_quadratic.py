@@ -6,7 +6,8 @@ import torch
 
 from genloop import F64, NewtonDirection, gen_accumulated_call, gen_call, gen_train, loss_of, micro_batches, quadratic
 from genrun.gen import GeN
-from genrun.gen.search import lr_grid, momentum_echo
+from genrun.gen.guard import filled_ratio
+from genrun.gen.search import FULL_BUFFER, lr_grid, momentum_echo, momentum_fill
 
 
 def exact_gen():
@@ -151,6 +152,31 @@ def test_momentum_echo_takes_the_largest_group():
     opt = torch.optim.SGD([{"params": [w1], "momentum": 0.5}, {"params": [w2], "momentum": 0.0}], lr=0.1)
     assert momentum_echo(opt.param_groups) == pytest.approx(2.0)
     assert momentum_echo(torch.optim.SGD([w1], lr=0.1).param_groups) == 1.0
+
+
+@pytest.mark.parametrize("momentum,dampening", [(0.9, 0.0), (0.5, 0.3), (0.99, 0.0)])
+def test_momentum_fill_is_the_step_length_torch_sgd_reaches_over_its_full_length(momentum, dampening):
+    # a persistent gradient (a linear loss): SGD's n-th step over the step it takes once its buffer is full
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=momentum, dampening=dampening)
+    full = 0.1 * (1 - dampening) / (1 - momentum)
+    for n in range(1, 800):
+        before = w.detach().clone()
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+        step = (before - w.detach())[0].item()
+        fill = momentum_fill(opt.param_groups, n)
+        assert fill == 1.0 if 1 - step / full <= FULL_BUFFER else step / full == pytest.approx(fill, rel=1e-9)
+    assert momentum_fill(torch.optim.SGD([w], lr=0.1).param_groups, 1) == 1.0
+    assert momentum_fill(torch.optim.Adam([w]).param_groups, 1) == 1.0
+
+
+def test_a_rise_while_the_buffer_fills_is_scaled_never_turned_into_a_cut():
+    assert filled_ratio(2.0, 0.75) == 1.5
+    assert filled_ratio(2.0, 0.1) == 1.0      # 0.2 would cut: the lr holds instead
+    assert filled_ratio(0.5, 0.1) == 0.5      # cuts are the other rules' business
+    assert filled_ratio(2.0, 1.0) == 2.0      # a full buffer (or no momentum) changes nothing
 
 
 @pytest.mark.parametrize("horizon", ["linear", "cosine"])

@@ -553,6 +553,13 @@ def _recover(guard):  # a fit chose 0.2, a backtrack cut it, then fits with η* 
     return gen
 
 
+def _fill(guard):  # heavy-ball SGD on 0.05·‖w‖² from lr 0.01: s* = 1000 at a buffer 10 % full (rule 7)
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    gen = GeN(torch.optim.SGD([w], lr=0.01, momentum=0.9), every=1, guard=guard)
+    one_step(gen, lambda: 0.05 * (w**2).sum())
+    return gen
+
+
 RULE_CASES = {  # a rule, the run where it acts, and what shows it acted
     "backtrack": (_backtrack, lambda gen: gen.history[0]["backtrack"] and gen.lr < 0.1),
     "cap": (_cap, lambda gen: gen.history[0]["cap"]),
@@ -561,6 +568,7 @@ RULE_CASES = {  # a rule, the run where it acts, and what shows it acted
     "concave": (_concave, lambda gen: gen.history[0]["concave"]),
     "keep": (_cap, lambda gen: gen.history[0]["keep"] and gen.lr == pytest.approx(1.5)),  # without it: 3·s* = 1
     "recover": (_recover, lambda gen: any(r["recover"] for r in gen.history)),
+    "fill": (_fill, lambda gen: gen.history[0]["fill"] and gen.lr == 0.01),  # without it: doubled
 }
 
 

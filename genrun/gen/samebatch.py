@@ -28,6 +28,7 @@ from .guard import (
     backtrack,
     backtrack_ratio,
     concave_ratio,
+    filled_ratio,
     grown_ratio,
     guarded_ratio,
     kept_ratio,
@@ -35,7 +36,7 @@ from .guard import (
     shrunk_ratio,
 )
 from .probe import ProbeScope, as_loss, probe_losses
-from .search import momentum_echo, search_ratio
+from .search import momentum_echo, momentum_fill, search_ratio
 from .snapshot import StepSnapshot
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ class SameBatch:
         kept = rec["accepted"] and not searching and "keep" in gen.rules
         lr_r = kept_ratio(r, gen.max_change) if kept else r
         rec["keep"] = lr_r != r
+        if "fill" in gen.rules and not searching:  # the search already divides by momentum's echo
+            filled = filled_ratio(lr_r, momentum_fill(gen.optimizer.param_groups, t + 1))
+            lr_r, rec["fill"] = filled, filled != lr_r
         if lr_r != 1.0:
             gen._scale_lrs(lr_r)
         if rec["backtrack"] or rec["shrink"]:  # cuts after a rejected fit: r < 1

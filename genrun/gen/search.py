@@ -1,4 +1,4 @@
-"""The initial learning-rate search of Appendix C.4.2."""
+"""The initial learning-rate search of Appendix C.4.2, and how heavy-ball momentum stretches a step."""
 
 from __future__ import annotations
 
@@ -47,6 +47,32 @@ def momentum_echo(param_groups: Sequence[dict[str, Any]]) -> float:
         if 0.0 < mu < 1.0:
             echo = max(echo, (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - mu))
     return echo
+
+
+#: What is left to fill of a momentum buffer that :func:`momentum_fill` counts as full.
+FULL_BUFFER = 1e-3
+
+
+def momentum_fill(param_groups: Sequence[dict[str, Any]], n: int) -> float:
+    """How full heavy-ball momentum's buffer is after ``n`` updates: ``φ_n = buf_n/buf_∞`` along a persistent u.
+
+    torch's SGD starts the buffer at the first update undamped, then ``buf ← μ·buf +
+    (1 - dampening)·u`` (RMSprop's starts at 0, the same thing without dampening), so a
+    persistent u gives ``buf_n = μ^(n-1) + (1 - dampening)·(1 - μ^(n-1))/(1 - μ)`` against
+    ``(1 - dampening)/(1 - μ)`` once full: ``φ_n = 1 - μ^(n-1)·(1 - (1 - μ)/(1 - dampening))``,
+    ``1 - μ^n`` undamped.  A step taken at ``n`` is ``φ_n`` of the step the same lr takes once the
+    buffer is full.  The smallest over the param groups; 1 without a ``momentum`` key, and 1 once
+    the buffer is within ``FULL_BUFFER`` of full (a rise it would change by 0.1 % is left alone).
+    """
+    fill = 1.0
+    for group in param_groups:
+        mu = float(group.get("momentum", 0.0) or 0.0)
+        damp = float(group.get("dampening", 0.0) or 0.0)
+        if 0.0 < mu < 1.0 and damp < 1.0 and n >= 1:
+            rest = mu ** (n - 1) * (1.0 - (1.0 - mu) / (1.0 - damp))
+            if rest > FULL_BUFFER:
+                fill = min(fill, 1.0 - rest)
+    return fill
 
 
 def search_ratio(rec: dict[str, Any], closure: Callable[[], Any], snap: StepSnapshot, scope: ProbeScope,
